@@ -264,7 +264,7 @@ def write_datasplit(root: str | Path, csv_path: str | Path, val_fraction: float 
     val = set(order[:n_val].tolist())
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_suffix(".tmp")
+    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")  # concurrent ranks may race here
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f, quoting=csv.QUOTE_ALL)
         for i, c in enumerate(crops):
@@ -288,14 +288,19 @@ def ensure_synthetic_data(directory: Path = SYNTHETIC_DATA_DIR, seed: int = 0) -
     """Generate the synthetic CellMap-format dataset on first use; returns its directory."""
     from make_synthetic_data import SYNTHETIC_FORMAT_VERSION, generate
 
-    marker = directory / "SYNTHETIC_VERSION"
-    if marker.is_file() and marker.read_text().split()[0] == SYNTHETIC_FORMAT_VERSION:
-        return directory
-    if directory.exists() and any(directory.iterdir()):
-        import shutil  # an interrupted or outdated generation: it is ours to replace
+    import fcntl
+    import shutil
 
-        shutil.rmtree(directory)
-    generate(directory, seed=seed)
+    marker = directory / "SYNTHETIC_VERSION"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # DDP ranks (and parallel commands) may all get here: one generates, the others wait on the lock.
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and marker.read_text().split()[0] == SYNTHETIC_FORMAT_VERSION:
+            return directory
+        if directory.exists():  # an interrupted or outdated generation: it is ours to replace
+            shutil.rmtree(directory)
+        generate(directory, seed=seed)
     return directory
 
 
@@ -341,6 +346,7 @@ class CachedCrop:
     split: str
     directory: Path
     shape: tuple[int, int, int]              # crop box on the training grid
+    grid_start: tuple[int, int, int]         # its first voxel's index on the training grid (centre j*scale)
     margin: tuple[int, int, int]             # raw context on each side
     annotated: np.ndarray                    # [C] bool
     positives: np.ndarray                    # [C] int64 positive voxels
@@ -463,8 +469,9 @@ def _prepare_crop(entry: CropEntry, classes: Sequence[str], scale: Sequence[floa
 
 def prepare_cache(entries: Sequence[CropEntry], classes: Sequence[str], scale: Sequence[float],
                   margin: Sequence[int], cache_root: Path = DEFAULT_CACHE_DIR,
-                  progress: bool = True) -> CropCache:
-    """Build (or reuse) the cache for these crops. Resumable: finished crops are kept on interruption."""
+                  progress: bool = True, build: bool = True) -> CropCache:
+    """Build (or reuse) the cache for these crops. Resumable: finished crops are kept on interruption.
+    With `build=False` only an existing complete cache is opened (FileNotFoundError otherwise)."""
     from tqdm import tqdm
 
     classes = tuple(classes)
@@ -474,6 +481,8 @@ def prepare_cache(entries: Sequence[CropEntry], classes: Sequence[str], scale: S
     key = cache_key(entries, classes, scale, margin)
     directory = Path(cache_root) / key
     manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file() and not build:
+        raise FileNotFoundError(manifest_path)
     if not manifest_path.is_file():
         directory.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
@@ -508,7 +517,7 @@ def load_cache(directory: Path, classes, scale, margin, n_entries: int) -> CropC
             dropped.append((meta["name"], meta["skip"]))
             continue
         crops.append(CachedCrop(meta["name"], meta["split"], directory / f"crop_{i:04d}", tuple(meta["shape"]),
-                                tuple(margin), np.array(meta["annotated"]),
+                                tuple(meta["grid_start"]), tuple(margin), np.array(meta["annotated"]),
                                 np.array(meta["positives"], dtype=np.int64)))
     return CropCache(directory, tuple(classes), tuple(scale), tuple(margin), crops, dropped)
 
@@ -529,7 +538,7 @@ def cut_patch(crop: CachedCrop, start: Sequence[int], raw_shape: Sequence[int],
     whose z extent is centred in the raw's (Dl = 1 for 2D/2.5D). Labels outside the crop = UNANNOTATED."""
     m = crop.margin
     z0, y0, x0 = start
-    raw = np.asarray(crop.raw[z0 + m[0]: z0 + m[0] + raw_shape[0], y0 + m[1]: y0 + m[1] + raw_shape[1],
+    raw = np.array(crop.raw[z0 + m[0]: z0 + m[0] + raw_shape[0], y0 + m[1]: y0 + m[1] + raw_shape[1],
                               x0 + m[2]: x0 + m[2] + raw_shape[2]])
     lz0 = z0 + (raw_shape[0] - label_shape[0]) // 2
     lab_start = (lz0, y0, x0)
@@ -556,7 +565,8 @@ def augment(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator, flip_
         raw, labels = raw[:, :, ::-1], labels[:, :, :, ::-1]
     if rng.random() < 0.5:
         raw, labels = raw.swapaxes(1, 2), labels.swapaxes(2, 3)
-    return np.ascontiguousarray(raw), np.ascontiguousarray(labels)
+    # copy(): a flipped size-1 axis counts as contiguous to numpy but has a negative stride torch refuses
+    return raw.copy(order="C"), labels.copy(order="C")
 
 
 def _format_sample(raw: np.ndarray, labels: np.ndarray, dims: int) -> dict:
