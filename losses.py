@@ -3,14 +3,15 @@
 Owns every loss module (`BCELoss`, `DiceLoss`, `DiceBCELoss`, `FocalLoss`, `TverskyLoss`, `ComboLoss`,
 `PerClassComboLoss`, `PerClassTverskyLoss`, `BoundaryLoss`), the named configurations compared by the
 experiment (`LOSS_CONFIGS`, built with `build_loss` and logged with `describe_loss`) and the class-weight
-tables (`SEED_CLASS_WEIGHTS`, `class_weights_from_frequencies`).
+tables (`SEED_CLASS_WEIGHTS`, `class_weights_from_frequencies`). `python losses.py [--names]` lists the
+named configurations.
 
 Conventions shared by every loss:
 - `forward(logits, target, return_per_class=False)`: logits [B, C, H, W] or [B, C, D, H, W], one sigmoid
   per class (multi-label, never a softmax); target of the same shape, float in [0, 1], NaN where the voxel
   is unannotated for that class. Returns a scalar, or `(scalar, per_class)` with `per_class` a detached
-  float32 [C] tensor of each class's unweighted loss (the sum of its term values; NaN for a class with no
-  annotated voxel in the batch).
+  float32 [C] tensor of each class's unweighted loss (the sum of its term values; 0 for a class with no
+  annotated voxel in the batch, which contributes nothing).
 - Unannotated voxels are excluded from every term after the activation: their probability, target and
   per-voxel loss count as 0 and they are left out of every count. A logit is never zeroed (sigmoid(0) is
   0.5, not "absent").
@@ -28,7 +29,9 @@ sums; focal and the boundary band are the only extra per-voxel work.
 """
 from __future__ import annotations
 
+import argparse
 import inspect
+import json
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -102,7 +105,8 @@ def _per_class_vector(values: Mapping[str, float], classes: Sequence[str] | None
     return torch.tensor([float(values.get(name, 1.0)) for name in classes], dtype=torch.float32)
 
 
-def _class_weight_vector(class_weights: Mapping[str, float] | None, classes: Sequence[str] | None) -> torch.Tensor | None:
+def _class_weight_vector(class_weights: Mapping[str, float] | None,
+                         classes: Sequence[str] | None) -> torch.Tensor | None:
     if class_weights is None:
         return None
     if not isinstance(class_weights, Mapping):
@@ -403,14 +407,14 @@ class _CompoundLoss(nn.Module):
             pos_weight = None if self.pos_weight_vector is None else self.pos_weight_vector.to(batch.logits.device)
             prob_sum, overlap, bce_sum = _masked_class_sums(batch, pos_weight, voxel_weight, self.bce_weight > 0)
             if self.region_weight > 0:
-                shape = (self.tversky_alpha, self.tversky_beta, self.smooth)
+                tversky_args = (self.tversky_alpha, self.tversky_beta, self.smooth)
                 if self.batch_dice:
-                    region = _tversky(prob_sum.sum(0), overlap.sum(0), batch.target_sum.sum(0), *shape)
+                    region = _tversky(prob_sum.sum(0), overlap.sum(0), batch.target_sum.sum(0), *tversky_args)
                     support = present
                 else:
                     has_class = (batch.count > 0).float()
                     support = has_class.sum(0)
-                    pair_loss = _tversky(prob_sum, overlap, batch.target_sum, *shape)
+                    pair_loss = _tversky(prob_sum, overlap, batch.target_sum, *tversky_args)
                     region = (pair_loss * has_class).sum(0) / support.clamp_min(1.0)
                 values.append(self.region_weight * region)
                 supports.append(support)
@@ -433,10 +437,8 @@ class _CompoundLoss(nn.Module):
             loss = _safe_divide((weight * values).sum(1), weight.sum(1)).sum()
         if not return_per_class:
             return loss
-        with torch.no_grad():
-            per_class = values.sum(0)
-            per_class = torch.where(batch.class_count > 0, per_class, torch.full_like(per_class, float("nan")))
-        return loss, per_class.float()
+        # Absent classes already have value 0 (their sums are 0), matching their contribution.
+        return loss, values.detach().sum(0)
 
 
 class BCELoss(_CompoundLoss):
@@ -687,3 +689,15 @@ def build_loss(name: str, classes: Sequence[str], class_frequencies: Mapping[str
     """
     description = describe_loss(name, classes, class_frequencies, **overrides)
     return LOSS_CLASSES[description["loss"]](**description["kwargs"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="List the named loss configurations.")
+    parser.add_argument("--names", action="store_true", help="print only the names, one per line")
+    args = parser.parse_args(argv)
+    for name, config in LOSS_CONFIGS.items():
+        print(name if args.names else f"{name:30s} {json.dumps(config)}")
+
+
+if __name__ == "__main__":
+    main()
