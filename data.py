@@ -201,31 +201,34 @@ def read_datasplit(csv_path: str | Path, check_paths: bool = True) -> list[CropE
             classes = tuple(c.strip() for c in m.group(2).split(",") if c.strip())
             entry = CropEntry(split, raw.strip(), m.group(1), classes, row_no)
             if check_paths:
-                validate_entry(entry, where)
+                try:
+                    validate_entry(entry)
+                except DataError as err:
+                    raise DataError(f"{where}: {err}") from None
             entries.append(entry)
     if not entries:
         raise DataError(f"{csv_path}: no rows")
     return entries
 
 
-def validate_entry(entry: CropEntry, where: str) -> None:
+def validate_entry(entry: CropEntry) -> None:
     """Check that the raw group, the crop and every listed class exist with usable metadata."""
     if not Path(entry.raw_path).is_dir():
-        raise DataError(f"{where}: raw zarr group not found: {entry.raw_path}")
+        raise DataError(f"raw zarr group not found: {entry.raw_path}")
     raw_levels = read_levels(entry.raw_path)
     if raw_levels[0].dtype != "uint8":
-        raise DataError(f"{where}: raw array {raw_levels[0].path} has dtype {raw_levels[0].dtype}, "
+        raise DataError(f"raw array {raw_levels[0].path} has dtype {raw_levels[0].dtype}, "
                         f"expected uint8 (point the CSV at recon-1/em/fibsem-uint8)")
     if not Path(entry.crop_path).is_dir():
-        raise DataError(f"{where}: crop group not found: {entry.crop_path}")
+        raise DataError(f"crop group not found: {entry.crop_path}")
     for cls in entry.classes:
         class_path = Path(entry.crop_path) / cls
         if not class_path.is_dir():
-            raise DataError(f"{where}: class {cls!r} is listed but missing on disk: {class_path} "
+            raise DataError(f"class {cls!r} is listed but missing on disk: {class_path} "
                             f"(remove it from the bracket list or regenerate the CSV)")
         lv = read_levels(class_path)[0]
         if not np.issubdtype(np.dtype(lv.dtype), np.integer) and lv.dtype != "bool":
-            raise DataError(f"{where}: label array {lv.path} has dtype {lv.dtype}, expected integer labels")
+            raise DataError(f"label array {lv.path} has dtype {lv.dtype}, expected integer labels")
 
 
 def find_datasets(root: str | Path) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -317,7 +318,8 @@ def test_write_datasplit_scans_root_and_splits_both_sides(synthetic_root, tmp_pa
     assert sum(e.split == "validate" for e in written) == 1 and sum(e.split == "train" for e in written) >= 1
     again = read_datasplit(write_datasplit(synthetic_root, tmp_path / "again.csv", val_fraction=0.01, seed=5))
     assert [e.split for e in again] == [e.split for e in written]
-    assert all(f.startswith('"') for f in (tmp_path / "split.csv").read_text().split(","))
+    quoted_row = re.compile(r'^"[^"]*"(,"[^"]*"){4}$')
+    assert all(quoted_row.match(line) for line in (tmp_path / "split.csv").read_text().splitlines())
     fine = read_datasplit(write_datasplit(synthetic_root, tmp_path / "fine.csv", max_scale_nm=6.0))
     assert fine and all(e.name.startswith("synth_aniso") for e in fine)
 
