@@ -30,7 +30,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -525,9 +525,13 @@ def load_cache(directory: Path, classes, scale, margin, n_entries: int) -> CropC
     return CropCache(directory, tuple(classes), tuple(scale), tuple(margin), crops, dropped)
 
 
-def cache_margin(patch_shapes: Iterable[Sequence[int]]) -> tuple[int, int, int]:
-    """Raw context needed around a crop so that any patch centred inside it is fully backed by raw."""
-    shapes = np.array(list(patch_shapes))
+def cache_margin(profile, patch_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """Raw context needed around a crop so that any patch centred inside it is fully backed by raw: the
+    largest patch of every model config of `profile` (so 2D, 2.5D and 3D runs share one cache) and of
+    the run's own `patch_shape` (e.g. after --patch-yx). Training and evaluation both call this."""
+    from config_shenron import MODELS
+
+    shapes = np.array([m.patch_shape(profile) for m in MODELS.values()] + ([list(patch_shape)] if patch_shape else []))
     mz, my, mx = (shapes.max(axis=0) // 2).tolist()
     return (max(2, mz), my, mx)
 

@@ -279,8 +279,9 @@ def _multiscales(levels) -> dict:
 
 
 def _write_array(group, name: str, data: np.ndarray) -> None:
-    from numcodecs import Blosc
+    from numcodecs import Blosc, blosc
 
+    blosc.use_threads = False  # multi-threaded Blosc output bytes vary from run to run; the data do not
     group.create_dataset(name, data=data, chunks=tuple(min(c, s) for c, s in zip(CHUNKS, data.shape)),
                          compressor=Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE), overwrite=True)
 
@@ -291,12 +292,18 @@ def _block_mean(a: np.ndarray) -> np.ndarray:
     return np.rint(b).astype(np.uint8)
 
 
-def write_dataset(out: Path, spec: DatasetSpec, seed: int, index: int) -> tuple[list[list[str]], Geometry]:
-    import zarr
-
+def synthesize(spec: DatasetSpec, seed: int, index: int) -> tuple[Geometry, np.ndarray]:
+    """The geometry and raw EM of one dataset (deterministic for seed and dataset index)."""
     rng = np.random.default_rng([seed, index])
     geometry = build_geometry(spec, rng)
-    raw = render_em(geometry, spec.voxel, rng)
+    return geometry, render_em(geometry, spec.voxel, rng)
+
+
+def write_dataset(out: Path, spec: DatasetSpec, seed: int, index: int) -> list[list[str]]:
+    """Write one dataset's zarr container; returns its datasplit rows."""
+    import zarr
+
+    geometry, raw = synthesize(spec, seed, index)
     zarr_path = out / spec.name / f"{spec.name}.zarr"
     root = zarr.open_group(str(zarr_path), mode="w")
     em = root.require_group("recon-1/em/fibsem-uint8")
@@ -325,22 +332,21 @@ def write_dataset(out: Path, spec: DatasetSpec, seed: int, index: int) -> tuple[
             class_group.attrs.update(_multiscales([("s0", scale, trans)]))
         rows.append([split, str(zarr_path.resolve()), "recon-1/em/fibsem-uint8", str(zarr_path.resolve()),
                      f"recon-1/labels/groundtruth/crop{crop_id}/[{','.join(classes)}]"])
-    return rows, geometry
+    return rows
 
 
-def generate(out_dir: str | Path, seed: int = 0, return_geometry: bool = False):
-    """Write the synthetic dataset into `out_dir`; returns the datasplit path (and geometries if asked)."""
+def generate(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the synthetic dataset into `out_dir`; returns the datasplit path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, geometries = [], {}
+    rows = []
     for index, spec in enumerate(DATASETS):
-        spec_rows, geometries[spec.name] = write_dataset(out, spec, seed, index)
-        rows += spec_rows
+        rows += write_dataset(out, spec, seed, index)
     csv_path = out / "datasplit.csv"
     with open(csv_path, "w", newline="") as f:
         csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
     (out / "SYNTHETIC_VERSION").write_text(f"{SYNTHETIC_FORMAT_VERSION} seed={seed}\n")
-    return (csv_path, geometries) if return_geometry else csv_path
+    return csv_path
 
 
 def main(argv=None) -> int:

@@ -166,7 +166,7 @@ def check_loader(root_entries, profile) -> tuple[str, str]:
     from data import EpochSampler, PatchSpec, TrainPatches, cache_margin, make_loader, prepare_cache
 
     root, entries = root_entries
-    margin = cache_margin([m.patch_shape(profile) for m in C.MODELS.values()])
+    margin = cache_margin(profile)
     try:
         cache = prepare_cache(entries, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, margin, progress=False, build=False)
     except FileNotFoundError:

@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     model_cfg = C.MODELS[cfg.model]
     spec = PatchSpec(cfg.patch_shape, model_cfg.dims)
     profile = C.PROFILES[cfg.profile]
-    margin = cache_margin([m.patch_shape(profile) for m in C.MODELS.values()] + [cfg.patch_shape])
+    margin = cache_margin(profile, cfg.patch_shape)
     try:
         cache = wait_for_cache(lambda **kw: prepare_cache(entries, cfg.classes, cfg.scale_nm, margin, **kw), rank)
         frequencies = cache.class_frequencies("train")
