@@ -40,11 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-# Challenge class names, in the channel order of every target tensor.
-CLASSES: tuple[str, ...] = (
-    "ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "golgi_mem", "golgi_lum",
-    "ves_mem", "ves_lum", "endo_mem", "endo_lum", "er_mem", "er_lum", "nuc",
-)
+from config_shenron import ALL_CLASSES as CLASSES  # challenge classes, channel order of every target
 
 # The seed's hand-set class weights (larger for the classes it found hard).
 SEED_CLASS_WEIGHTS: dict[str, float] = {

@@ -17,9 +17,12 @@ else
         exit 2
     fi
     [[ -x "$venv/bin/python" ]] || "$python_bin" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    # Some pip configurations list local index folders that may not exist on a given machine; pip then
+    # prints one harmless "Location ... is ignored" line per package, which hides real errors.
+    quiet_pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
+    quiet_pip install --quiet --upgrade pip
     echo "setup: installing requirements into $venv (torch is several GB; first run takes minutes)"
-    "$venv/bin/python" -m pip install --quiet -r "$repo/requirements.txt"
+    quiet_pip install --quiet -r "$repo/requirements.txt"
     echo "$want" > "$stamp"
 fi
 
