@@ -2,16 +2,70 @@
 
 `validate` runs a model over `ValidationTiles` (every validation crop in full, each annotated voxel once)
 and returns the metrics report from counts pooled over all tiles and all DDP ranks. Training calls it every
-epoch; the command line below re-evaluates a saved checkpoint.
+epoch; the command line below re-evaluates a saved checkpoint:
+
+    python evaluate.py runs/<run_name> [--checkpoint best|last] [--tiling both|training|sliding]
+                       [--overlap 0.5] [--batch-size N] [--device auto|cpu|cuda]
+                       [--data-root DIR] [--datasplit CSV] [--write-predictions] [--classes-to-write nuc ...]
+
+It rebuilds the model from the checkpoint's stored config, reads the validation crops from the same crop
+cache training used (same datasplit, classes, scale and raw margin; without --data-root/--datasplit the
+run's own datasplit), and scores them in one or both tilings:
+- training: exactly what training does (`ValidationTiles` + `validate`, the run's batch size). On a
+  finished run this reproduces the metrics recorded in results.json (`best` for best.pt, the checkpoint's
+  epoch in `history` for last.pt); the largest difference is reported.
+- sliding: a sliding window over every validation crop in full, tiles of the training patch size that
+  overlap by `--overlap` (0.5 = half a tile) and are blended with Gaussian importance weights (sigma = 1/8
+  of the tile; tile centres, which saw the most context, count most). Probabilities are averaged, then
+  thresholded at 0.5. 2D/2.5D models slide over every z slice with their 1 or 5 slices of z context; 3D
+  models slide in z too. Context beyond the crop comes from the raw margin stored in the cache.
+Both count TP/FP/FN over annotated voxels only, pooled over all crops (metrics.py states the definitions).
+
+Output: `RUN_DIR/eval_<checkpoint>.json` (written atomically at the end; nothing is written on bad input)
+with, per tiling, the full metrics report (per-class Dice/IoU/precision/recall/counts/status, absent
+classes, the mean's definition, the threshold sweep labelled as tuned on validation), and for the training
+tiling the recorded metrics and the largest difference from them. The tables are printed.
+
+`--write-predictions` stores the sliding-window probabilities of every validation crop as OME-NGFF 0.4
+zarr (v2) in `RUN_DIR/predictions/<dataset>/<crop>.zarr/<class>/s0`, uint8 = round(255 * probability).
+They go into the run folder, never into the data folder (which may be shared or read-only); their
+multiscales metadata (8 nm scale, translation = the crop's position in the volume, in nm) makes them
+overlay the raw `recon-1/em/fibsem-uint8` of the dataset when both are opened in neuroglancer or napari.
+A later evaluation of the same run replaces them (the root group's attributes name the checkpoint).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from data import to_model_inputs
-from metrics import ConfusionCounter
+import config_shenron as C
+from checkpoint import RunFileError, load_checkpoint, load_json, save_json
+from data import (UNANNOTATED, CachedCrop, DataError, PatchSpec, ValidationTiles, _format_sample, cache_margin,
+                  cut_patch, datasplit_for, make_loader, prepare_cache, read_datasplit, resolve_data_root,
+                  tile_starts, to_model_inputs)
+from metrics import ConfusionCounter, format_table
+from models import UNet
+
+CHECKPOINTS = ("best", "last")
+TILINGS = ("training", "sliding")
+BLEND_SIGMA = 1 / 8    # Gaussian sigma as a fraction of the tile size (nnU-Net's choice)
+BLEND_FLOOR = 1e-3     # smallest weight: a voxel covered only by tile edges (at a crop border) still counts
+REPRODUCTION_TOLERANCE = 1e-6
+COUNT_SLAB_VOXELS = 1 << 24  # probabilities x classes counted per host-to-device transfer
+TILING_DESCRIPTIONS = {
+    "training": "the training tiling: non-overlapping tiles of the training patch size (data.ValidationTiles), "
+                "each annotated voxel predicted once, as validated during training",
+    "sliding": "sliding window over every validation crop in full: tiles of the training patch size with "
+               "overlap, Gaussian-weighted average of the probabilities, threshold 0.5",
+}
 
 
 @torch.no_grad()
@@ -31,3 +85,371 @@ def validate(model: torch.nn.Module, loader, classes, device, autocast=contextli
     counter.all_reduce()
     model.train(was_training)
     return counter.compute(classes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a run's model
+# ----------------------------------------------------------------------------------------------------
+def load_run_model(run_dir, which: str = "best", device="cpu"):
+    """(RunConfig, model in eval mode on `device`, checkpoint dict) of a run folder's best.pt or last.pt,
+    the model rebuilt exactly as train_local.py builds it. RunFileError for a folder that is not a run
+    or a missing/corrupt checkpoint; ValueError for `which` other than best/last."""
+    from train_local import RESULTS_FILE  # not at the top: train_local imports this module
+
+    if which not in CHECKPOINTS:
+        raise ValueError(f"--checkpoint {which!r} is not one of {', '.join(CHECKPOINTS)}")
+    run_dir = Path(run_dir)
+    if not (run_dir / RESULTS_FILE).is_file():
+        raise RunFileError(f"{run_dir} is not a run folder (no {RESULTS_FILE}); pass a folder written by "
+                           f"train_local.py, e.g. runs/<run_name>")
+    path = run_dir / f"{which}.pt"
+    if not path.is_file():
+        raise RunFileError(f"checkpoint {path} not found (the run has not completed an epoch yet, or the file "
+                           f"was removed){'; try --checkpoint last' if which == 'best' else ''}")
+    device = torch.device(device)
+    state = load_checkpoint(path, map_location=device)
+    try:
+        cfg = C.RunConfig.from_dict(state["config"])
+        model_cfg = C.MODELS[cfg.model]
+        model = UNet(model_cfg.in_channels, len(cfg.classes), dims=model_cfg.dims, base_channels=cfg.base_channels,
+                     depth=cfg.depth, norm=cfg.norm)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise RunFileError(f"checkpoint {path} does not match its stored config ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0]})") from None
+    model = model.to(device)
+    if cfg.channels_last and model_cfg.dims == 2:
+        model = model.to(memory_format=torch.channels_last)
+    return cfg, model.eval(), state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sliding window
+# ----------------------------------------------------------------------------------------------------
+def blending_weights(label_shape: Sequence[int]) -> np.ndarray:
+    """Gaussian importance map over one tile's output [lz, ly, lx], float32, 1 at the centre, at least
+    BLEND_FLOOR (an axis of extent 1, the z of a 2D/2.5D output, has weight 1)."""
+    weights = np.ones((), dtype=np.float64)
+    for n in label_shape:
+        offset = np.arange(n) - (n - 1) / 2
+        weights = np.multiply.outer(weights, np.exp(-0.5 * (offset / (BLEND_SIGMA * n)) ** 2))
+    return np.maximum(weights / weights.max(), BLEND_FLOOR).astype(np.float32)
+
+
+def sliding_origins(crop_shape: Sequence[int], label_shape: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
+    """Output-tile origins (z, y, x) covering the crop; consecutive tiles overlap by `overlap` of a tile
+    (with overlap 0 these are exactly the training tiling's tiles, in the same order)."""
+    steps = [max(1, round(n * (1 - overlap))) for n in label_shape]
+    return list(itertools.product(*(tile_starts(length, n, step)
+                                    for length, n, step in zip(crop_shape, label_shape, steps))))
+
+
+@torch.no_grad()
+def predict_crop(model: torch.nn.Module, crop: CachedCrop, spec: PatchSpec, device, overlap: float = 0.5,
+                 batch_size: int = 4, autocast=contextlib.nullcontext, progress: bool = False) -> np.ndarray:
+    """Sliding-window probabilities float32 [C, Z, Y, X] over the crop box (see the module docstring).
+
+    Inputs are cut and scaled exactly as for training (`cut_patch`, `to_model_inputs`). The weighted sums
+    are accumulated in float64 from float32 weights, so where one tile covers a voxel (overlap 0) the
+    result is bit-identical to that tile's sigmoid output; the sums take 8 bytes per voxel and class.
+    ValueError if the cache margin is too small for the tiles' raw context."""
+    from torch.utils.data import default_collate
+    from tqdm import tqdm
+
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"--overlap {overlap} must be in [0, 1)")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be at least 1")
+    label_shape = spec.label_shape
+    context_z = (spec.raw_shape[0] - label_shape[0]) // 2
+    origins = sliding_origins(crop.shape, label_shape, overlap)
+    for axis in range(3):
+        shift = context_z if axis == 0 else 0
+        lo = min(o[axis] for o in origins) - shift
+        hi = max(o[axis] for o in origins) - shift + spec.raw_shape[axis]
+        if lo < -crop.margin[axis] or hi > crop.shape[axis] + crop.margin[axis]:
+            raise ValueError(f"crop {crop.name}: its cache margin {crop.margin} is too small for tiles of "
+                             f"{spec.raw_shape} (prepare the cache with data.cache_margin for this patch size)")
+    # float32 weights widened to float64: their products with float32 probabilities are exact.
+    weights = blending_weights(label_shape).astype(np.float64)
+    total = np.zeros((len(crop.annotated),) + tuple(crop.shape), dtype=np.float64)
+    weight_sum = np.zeros(tuple(crop.shape), dtype=np.float64)
+
+    was_training = model.training
+    model.eval()
+    batches = range(0, len(origins), batch_size)
+    for first in tqdm(batches, desc=f"sliding {crop.name}", unit="batch", leave=False, disable=not progress):
+        chunk = origins[first:first + batch_size]
+        samples = [_format_sample(*cut_patch(crop, (z - context_z, y, x), spec.raw_shape, label_shape), spec.dims)
+                   for z, y, x in chunk]
+        x_in, _ = to_model_inputs(default_collate(samples), device)
+        with autocast():
+            logits = model(x_in)
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        if spec.dims == 2:
+            probs = probs[:, :, None]  # [B, C, 1, H, W]
+        for origin, tile in zip(chunk, probs):
+            inside = [slice(max(0, o), min(n, o + t)) for o, n, t in zip(origin, crop.shape, label_shape)]
+            in_tile = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin))
+            w = weights[in_tile]
+            total[(slice(None), *inside)] += tile[(slice(None), *in_tile)] * w
+            weight_sum[tuple(inside)] += w
+    model.train(was_training)
+    return (total / weight_sum).astype(np.float32)
+
+
+def count_crop(counter: ConfusionCounter, probs: np.ndarray, labels: np.ndarray) -> None:
+    """Add one crop's probabilities [C,Z,Y,X] against its cached labels (UNANNOTATED excluded), in z slabs."""
+    slab = max(1, COUNT_SLAB_VOXELS // (probs.shape[0] * probs.shape[2] * probs.shape[3]))
+    for z in range(0, probs.shape[1], slab):
+        p = torch.from_numpy(np.ascontiguousarray(probs[None, :, z:z + slab]))
+        lab = torch.from_numpy(np.array(labels[None, :, z:z + slab]))  # a copy: the cache is read-only
+        target = lab.float().masked_fill_(lab == UNANNOTATED, float("nan"))
+        counter.update_probabilities(p, target)
+
+
+def sliding_window_report(model: torch.nn.Module, crops: Sequence[CachedCrop], spec: PatchSpec, classes, device,
+                          overlap: float, batch_size: int, autocast=contextlib.nullcontext,
+                          on_prediction: Callable[[CachedCrop, np.ndarray], None] | None = None) -> dict:
+    """Metrics report of the sliding window over `crops`, counts pooled over all of them (on `device`);
+    `on_prediction(crop, probs)` receives each crop's probabilities (to write them)."""
+    from tqdm import tqdm
+
+    counter = ConfusionCounter(len(classes), device)
+    for crop in tqdm(crops, desc="sliding window", unit="crop"):
+        probs = predict_crop(model, crop, spec, device, overlap, batch_size, autocast, progress=True)
+        count_crop(counter, probs, crop.labels)
+        if on_prediction is not None:
+            on_prediction(crop, probs)
+    return counter.compute(classes)
+
+
+def write_prediction_zarr(path: Path, probs: np.ndarray, classes: Sequence[str], write_classes: Sequence[str],
+                          crop: CachedCrop, scale_nm: Sequence[float], provenance: dict) -> None:
+    """Probabilities [C,Z,Y,X] as an OME-NGFF 0.4 zarr (v2) at `path` (replaced if present): one multiscale
+    group per class with s0 uint8 = round(255 p), placed at the crop's position in the volume."""
+    import zarr
+
+    from make_synthetic_data import _multiscales
+
+    translation = [g * s for g, s in zip(crop.grid_start, scale_nm)]  # voxel centres, as data.py reads them
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs["cellmap_prediction"] = dict(provenance, crop=crop.name, classes=list(write_classes),
+                                            encoding="uint8 = round(255 * probability)")
+    for cls in write_classes:
+        group = root.create_group(cls)
+        data = np.rint(probs[list(classes).index(cls)] * 255).astype(np.uint8)
+        group.create_dataset("s0", data=data, chunks=tuple(min(64, n) for n in data.shape))
+        group.attrs.update(_multiscales([("s0", scale_nm, translation)]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparison with the metrics recorded during training
+# ----------------------------------------------------------------------------------------------------
+RATE_FIELDS = ("dice", "iou", "precision", "recall")
+COUNT_FIELDS = ("tp", "fp", "fn", "tn")
+SWEEP_FIELDS = ("best_threshold", "best_dice")
+
+
+def recorded_metrics(results: dict, which: str, epoch: int) -> tuple[dict | None, str]:
+    """The metrics results.json recorded for the checkpoint's epoch, and where they come from."""
+    if which == "best" and results.get("best_epoch") == epoch and results.get("best"):
+        return results["best"], f"results.json best (epoch {epoch})"
+    for entry in results.get("history") or []:
+        if entry.get("epoch") == epoch:
+            return entry, f"results.json history (epoch {epoch})"
+    return None, f"results.json holds no metrics for epoch {epoch}"
+
+
+def compare_with_recorded(report: dict, recorded: dict) -> dict:
+    """Largest |difference| between a report and recorded metrics over the means, per-class Dice/IoU/
+    precision/recall and tuned sweep values (max_abs_difference), and over the counts (max_count_difference);
+    fields present on one side only (or None on one side) are listed as mismatched."""
+    rates, counts, mismatched = [], [], []
+
+    def add(name, mine, theirs, into):
+        if mine is None and theirs is None:
+            return
+        if mine is None or theirs is None:
+            mismatched.append(name)
+        else:
+            into.append(abs(mine - theirs))
+
+    for key in ("mean_dice", "mean_iou"):
+        add(key, report[key], recorded.get(key), rates)
+    for cls, mine in report["per_class"].items():
+        theirs = (recorded.get("per_class") or {}).get(cls) or {}
+        for field in RATE_FIELDS:
+            add(f"{cls}.{field}", mine[field], theirs.get(field), rates)
+        for field in COUNT_FIELDS:
+            add(f"{cls}.{field}", mine[field], theirs.get(field), counts)
+        tuned, tuned_then = report["threshold_sweep"][cls], (recorded.get("threshold_sweep") or {}).get(cls) or {}
+        for field in SWEEP_FIELDS:
+            add(f"{cls}.threshold_sweep.{field}", tuned[field], tuned_then.get(field), rates)
+    max_abs = max(rates, default=0.0)
+    return {"max_abs_difference": max_abs, "max_count_difference": int(max(counts, default=0)),
+            "mismatched_fields": mismatched, "tolerance": REPRODUCTION_TOLERANCE,
+            "reproduced": not mismatched and max_abs <= REPRODUCTION_TOLERANCE}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one `error: ...` line with exit status 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python evaluate.py --help)\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(description="Re-evaluate a run's checkpoint over every validation crop (see evaluate.py's "
+                                  "docstring for the tilings and the outputs).")
+    p.add_argument("run_dir", help="run folder written by train_local.py (holds results.json, best.pt, last.pt)")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best", help="which checkpoint (default best)")
+    p.add_argument("--tiling", choices=TILINGS + ("both",), default="both",
+                   help="training: the tiles validation used (reproduces results.json); sliding: overlapping "
+                        "blended window over every crop; both (default)")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="sliding-window overlap as a fraction of a tile, in [0, 1) (default 0.5)")
+    p.add_argument("--batch-size", type=int, help="tiles per forward pass (default: the run's batch size)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    p.add_argument("--data-root", help="CellMap data root (default: the one the run used)")
+    p.add_argument("--datasplit", help="datasplit CSV (default: the run's own, or that of --data-root)")
+    p.add_argument("--write-predictions", action="store_true",
+                   help="write the sliding-window probabilities as OME-NGFF zarr under RUN_DIR/predictions/")
+    p.add_argument("--classes-to-write", nargs="+", metavar="CLASS",
+                   help="classes whose probabilities --write-predictions stores (default: all of the run's)")
+    return p.parse_args(argv)
+
+
+def run_datasplit(args: argparse.Namespace, cfg, results: dict) -> Path:
+    """The datasplit to evaluate on: --datasplit, else that of --data-root, else the one the run used."""
+    root = resolve_data_root(args.data_root)[0] if args.data_root else None
+    if args.datasplit:
+        return Path(args.datasplit)
+    if root is not None:
+        return datasplit_for(root)
+    if results.get("datasplit"):
+        path = Path(results["datasplit"])
+        if not path.is_file():
+            raise DataError(f"the run's datasplit {path} no longer exists; pass --datasplit or --data-root")
+        return path
+    if not Path(cfg.data_root).is_dir():
+        raise DataError(f"the run's data root {cfg.data_root} no longer exists; pass --data-root or --datasplit")
+    return datasplit_for(Path(cfg.data_root))
+
+
+def main(argv=None) -> int:
+    from train_local import RESULTS_FILE, autocast_for
+
+    args = parse_args(argv)
+    started = time.time()
+    tilings = TILINGS if args.tiling == "both" else (args.tiling,)
+    run_dir = Path(args.run_dir)
+    # ---- bad input: one line, exit 2, nothing written ----
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA GPU is visible (use --device cpu or auto)")
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        if not 0.0 <= args.overlap < 1.0:
+            raise ValueError(f"--overlap {args.overlap} must be in [0, 1)")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+        if args.write_predictions and "sliding" not in tilings:
+            raise ValueError("--write-predictions stores the sliding-window probabilities: use --tiling sliding or both")
+        if not run_dir.is_dir():
+            raise RunFileError(f"run folder {run_dir} not found")
+        cfg, model, state = load_run_model(run_dir, args.checkpoint, device)
+        results = load_json(run_dir / RESULTS_FILE)
+        write_classes = args.classes_to_write or list(cfg.classes)
+        unknown = [c for c in write_classes if c not in cfg.classes]
+        if unknown:
+            raise ValueError(f"--classes-to-write {' '.join(unknown)}: not among the run's classes "
+                             f"({', '.join(cfg.classes)})")
+        csv_path = run_datasplit(args, cfg, results)
+        entries = read_datasplit(csv_path)
+        # The margin training used (data.cache_margin), so training's cache is found and reused.
+        cache = prepare_cache(entries, cfg.classes, cfg.scale_nm, cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape))
+        crops = cache.split("validate")
+        if not crops:
+            raise DataError(f"{csv_path}: no validation crop left after preparation (check its 'validate' rows)")
+    except (ValueError, RunFileError) as err:  # DataError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    spec = PatchSpec(cfg.patch_shape, C.MODELS[cfg.model].dims)
+    batch_size = args.batch_size or cfg.batch_size
+    autocast = autocast_for(cfg.precision if device.type == "cuda" else "fp32", device)
+    epoch = state["epoch"]
+    print(f"evaluating {run_dir.name}/{args.checkpoint}.pt (epoch {epoch}, {cfg.model}) on {len(crops)} validation "
+          f"crops from {csv_path} | {device} | batch {batch_size}", flush=True)
+    evaluation = {
+        "run_name": results.get("run_name", run_dir.name), "run_dir": str(run_dir.resolve()),
+        "checkpoint": args.checkpoint, "epoch": epoch, "model": cfg.model, "classes": list(cfg.classes),
+        "datasplit": str(csv_path), "validation_crops": [c.name for c in crops], "device": str(device),
+        "batch_size": batch_size, "tilings": {}, "predictions": None,
+    }
+    tables, written = [], {}
+    if "training" in tilings:
+        tiles = ValidationTiles(cache, spec)
+        loader = make_loader(tiles, batch_size, cfg.workers, pin_memory=device.type == "cuda")
+        report = validate(model, loader, cfg.classes, device, autocast, cfg.channels_last, progress=True)
+        recorded, source = recorded_metrics(results, args.checkpoint, epoch)
+        entry = {**report, "description": TILING_DESCRIPTIONS["training"], "tiles": len(tiles),
+                 "recorded_source": source,
+                 "recorded": None if recorded is None else {k: recorded.get(k) for k in
+                                                            ("mean_dice", "mean_iou", "per_class", "threshold_sweep",
+                                                             "absent_classes")}}
+        line = f"recorded: {source}"
+        if recorded is not None:
+            entry.update(compare_with_recorded(report, recorded))
+            line += (f" | max |difference| {entry['max_abs_difference']:.2e}, counts {entry['max_count_difference']}"
+                     + (f", mismatched {', '.join(entry['mismatched_fields'])}" if entry["mismatched_fields"] else "")
+                     + (" | reproduced" if entry["reproduced"] else " | NOT reproduced"))
+        evaluation["tilings"]["training"] = entry
+        tables.append(("training tiling", report, line))
+    if "sliding" in tilings:
+        on_prediction = None
+        if args.write_predictions:
+            provenance = {"run": evaluation["run_name"], "checkpoint": args.checkpoint, "epoch": epoch,
+                          "overlap": args.overlap}
+
+            def on_prediction(crop, probs):
+                path = run_dir / "predictions" / f"{crop.name}.zarr"
+                write_prediction_zarr(path, probs, cfg.classes, write_classes, crop, cfg.scale_nm, provenance)
+                written[crop.name] = str(path)
+
+        report = sliding_window_report(model, crops, spec, cfg.classes, device, args.overlap, batch_size, autocast,
+                                       on_prediction)
+        evaluation["tilings"]["sliding"] = {
+            **report, "description": TILING_DESCRIPTIONS["sliding"], "overlap": args.overlap,
+            "tile": list(spec.label_shape),
+            "blending": f"Gaussian importance weights, sigma = {BLEND_SIGMA:g} of the tile per axis, "
+                        f"floored at {BLEND_FLOOR:g} of the centre weight"}
+        if args.write_predictions:
+            evaluation["predictions"] = {"directory": str(run_dir / "predictions"), "crops": written,
+                                         "classes": list(write_classes),
+                                         "format": "OME-NGFF 0.4 zarr v2, <class>/s0 uint8 = round(255 * probability)"}
+        tables.append((f"sliding window (overlap {args.overlap:g}, Gaussian blending)", report, None))
+    evaluation["elapsed_seconds"] = time.time() - started
+
+    out_path = run_dir / f"eval_{args.checkpoint}.json"
+    try:
+        save_json(out_path, evaluation)
+    except RunFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for title, report, line in tables:
+        print(f"\n{run_dir.name} {args.checkpoint}.pt (epoch {epoch}), {title}:")
+        print(format_table(report, cfg.classes))
+        if line:
+            print(line)
+    if written:
+        print(f"\npredictions: {run_dir / 'predictions'} ({len(written)} crops)")
+    print(f"\nevaluation: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -110,18 +110,23 @@ class ConfusionCounter:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add one batch: logits [B,C,...] (any float dtype), target [B,C,...] 0/1 with NaN = unannotated."""
-        if logits.shape != target.shape:
-            raise ValueError(f"logits shape {tuple(logits.shape)} != target shape {tuple(target.shape)}")
-        if logits.ndim < 3 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits shape {tuple(logits.shape)} must be [B, {self.num_classes}, *spatial]")
-        logits = logits.to(self.device)
+        self.update_probabilities(torch.sigmoid(logits.to(self.device).float()), target)
+
+    @torch.no_grad()
+    def update_probabilities(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch of probabilities [B,C,...] (e.g. blended sliding-window predictions, which have no
+        logits), target as in `update`."""
+        if probs.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(probs.shape)} != target shape {tuple(target.shape)}")
+        if probs.ndim < 3 or probs.shape[1] != self.num_classes:
+            raise ValueError(f"prediction shape {tuple(probs.shape)} must be [B, {self.num_classes}, *spatial]")
+        probs = probs.to(self.device).float()
         target = target.to(self.device)
-        probs = torch.sigmoid(logits.float())
         valid = ~torch.isnan(target)
         positive = target > 0.5  # NaN compares False, so positive implies valid
         negative = valid & ~positive
         predicted = probs >= self.threshold
-        sum_dims = (0, *range(2, logits.ndim))
+        sum_dims = (0, *range(2, probs.ndim))
         self.tp += (predicted & positive).sum(sum_dims)
         self.fp += (predicted & negative).sum(sum_dims)
         self.fn += (~predicted & positive).sum(sum_dims)
@@ -130,7 +135,7 @@ class ConfusionCounter:
         # One scatter_add over a flat [truth, class, bin] index; unannotated voxels go to a discarded extra
         # bin, so no boolean indexing (which would need the host to learn the output size).
         bins, classes = self._bins, self.num_classes
-        class_offset = torch.arange(classes, device=self.device).view(1, classes, *([1] * (logits.ndim - 2)))
+        class_offset = torch.arange(classes, device=self.device).view(1, classes, *([1] * (probs.ndim - 2)))
         index = torch.bucketize(probs, self._sweep_bounds, right=True) + class_offset * bins
         index += positive.long() * (classes * bins)
         discard = 2 * classes * bins
