@@ -5,18 +5,36 @@ random logits and targets with ~10% NaN (unannotated) voxels, next to the unmask
 DiceLoss(sigmoid=True) + torch BCEWithLogitsLoss on the same logits (NaN replaced by 0: it cannot mask).
 After a warm-up, the configurations run interleaved, round by round in a rotating order, so machine noise
 hits them all alike; the table gives each one's median time and its ratio to the reference pair.
+
+loader: training samples/s of the data backends (`toolkit`: the cached path training uses; `cellmap-data`:
+the reference path of cellmap_backend.py) for one model config, each backend x worker count built once and
+timed in interleaved repeats (rotating order) after a warm-up batch; the table gives medians, the ratio
+toolkit / cellmap-data per worker count, and memory: the main process's peak RSS and PSS (one process
+hosts every configuration of the run, so these include the others' state) and each worker's peak PSS
+from /proc/<pid>/smaps_rollup, which splits pages shared through fork and the cache's memory maps among
+the processes that map them (RSS would count them once per worker).
+
+train: training images/s of one or more model configs with the data excluded (one real batch kept on
+the device) and included (the toolkit loader feeding every step), and the peak memory (GPU: allocated
+by torch; CPU: the process's peak RSS). Model and loss are built as in train_local.py.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+import config_shenron as C
 import losses
+from data import (DataError, EpochSampler, PatchSpec, TrainPatches, cache_margin, datasplit_for, make_loader,
+                  prepare_cache, read_datasplit, resolve_data_root, to_model_inputs)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -106,8 +124,375 @@ def add_losses_command(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=bench_losses)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Memory of this process and its loader workers (Linux /proc)
+# ----------------------------------------------------------------------------------------------------
+def _proc_fields_mb(pid: int | str, name: str, fields: tuple[str, ...]) -> list[float]:
+    """`Field:  N kB` values of /proc/<pid>/<name> in MB (0 for a process that is gone)."""
+    values = dict.fromkeys(fields, 0.0)
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in values:
+                    values[key] = int(rest.split()[0]) / 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return [values[k] for k in fields]
+
+
+def child_pids() -> set[int]:
+    """Live child processes of this process (DataLoader workers)."""
+    me, children = os.getpid(), set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # field 4, after "pid (comm) state"
+            children.add(int(entry.name))
+    return children
+
+
+class MemoryPeaks:
+    """Peak RSS/PSS of this process and peak PSS of each given worker, sampled by a thread every
+    `interval` seconds while a `with` block runs (and once at its end); peaks accumulate over blocks."""
+
+    def __init__(self, workers: set[int], interval: float = 0.2):
+        self.workers, self.interval = workers, interval
+        self.rss = self.pss = 0.0
+        self.worker_pss = dict.fromkeys(workers, 0.0)
+
+    def sample(self) -> None:
+        rss, pss = _proc_fields_mb("self", "smaps_rollup", ("Rss", "Pss"))
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+        for pid in self.workers:
+            self.worker_pss[pid] = max(self.worker_pss[pid], _proc_fields_mb(pid, "smaps_rollup", ("Pss",))[0])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "MemoryPeaks":
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+# ----------------------------------------------------------------------------------------------------
+# loader
+# ----------------------------------------------------------------------------------------------------
+BACKENDS = ("toolkit", "cellmap-data")
+# Issue 6: toolkit / cellmap-data samples/s at 0 workers, 256x256, 14 classes, batch 8.
+LOADER_TARGET_RATIO = {"unet_2d": 10.0, "unet_25d": 5.0}
+
+
+def parse_list(text: str, option: str, convert=str, choices: tuple | None = None) -> list:
+    """A comma-separated option value; ValueError naming the option for a bad item."""
+    items = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            value = convert(item)
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {item!r} is not a valid {convert.__name__}") from None
+        if choices is not None and value not in choices:
+            raise ValueError(f"{option} {text!r}: {item!r} is not one of {', '.join(map(str, choices))}")
+        items.append(value)
+    return items
+
+
+def data_setup(data_root: str | None):
+    """The data a training run would use: (root, datasplit CSV, crop entries)."""
+    root, notice = resolve_data_root(data_root)
+    if notice:
+        print(notice)
+    csv_path = datasplit_for(root)
+    return root, csv_path, read_datasplit(csv_path)
+
+
+def patch_spec(model: str, patch_yx: int | None, profile) -> PatchSpec:
+    """The model config's patch under `profile`, with the y/x size overridden as `--patch-yx` does."""
+    model_cfg = C.lookup(C.MODELS, model, "model")
+    z, y, x = model_cfg.patch_shape(profile)
+    if patch_yx is not None:
+        y = x = patch_yx
+    return PatchSpec((z, y, x), model_cfg.dims)
+
+
+def toolkit_cache(entries, classes, spec: PatchSpec, profile):
+    """The crop cache a training run with this patch would use (prepared on first use, then reopened)."""
+    return prepare_cache(entries, classes, C.TRAIN_SCALE_NM, cache_margin(profile, spec.raw_shape))
+
+
+def build_train_loader(backend: str, csv_path: Path, entries, classes, spec: PatchSpec, profile, batch_size: int,
+                       workers: int, samples_per_epoch: int, pin_memory: bool = False):
+    """(loader, object with set_epoch) as train_local.py builds them for `backend`."""
+    if backend == "toolkit":
+        cache = toolkit_cache(entries, classes, spec, profile)
+        sampler = EpochSampler(samples_per_epoch)
+        loader = make_loader(TrainPatches(cache, spec, seed=0), batch_size, workers, sampler, pin_memory=pin_memory)
+        return loader, sampler
+    from cellmap_backend import CellMapTrainLoader
+
+    loader = CellMapTrainLoader(csv_path, classes, spec, C.TRAIN_SCALE_NM, batch_size, workers, seed=0,
+                                samples_per_epoch=samples_per_epoch)
+    return loader, loader
+
+
+def _time_loader(loader, sampler, epoch: int, batches: int) -> float:
+    """Samples/s over `batches` batches of one epoch, after its first batch (worker start-up, first reads)."""
+    sampler.set_epoch(epoch)
+    iterator = iter(loader)
+    next(iterator)
+    start, samples = time.perf_counter(), 0
+    for _ in range(batches):
+        samples += next(iterator)["raw"].shape[0]
+    return samples / (time.perf_counter() - start)
+
+
+def _set_threads(threads: int | None) -> None:
+    """--threads: on a shared machine, torch's default of one thread per core makes each parallel kernel
+    wait for a busy core (on 2 loaded cores, batch collation's torch.stack of 7 MB of uint8 took 100 ms
+    with 2 threads and 9 ms with 1)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads} must be >= 1")
+        torch.set_num_threads(threads)
+
+
+def bench_loader(args: argparse.Namespace) -> int:
+    """Samples/s and memory of each data backend x worker count, interleaved, medians and ratios."""
+    from tqdm import tqdm
+
+    _set_threads(args.threads)
+    backends = BACKENDS if args.backend == "both" else parse_list(args.backend, "--backend", choices=BACKENDS)
+    backends = list(dict.fromkeys(backends))
+    worker_counts = list(dict.fromkeys(parse_list(args.workers, "--workers", int)))
+    if any(w < 0 for w in worker_counts) or min(args.batches, args.batch_size, args.repeats) < 1:
+        raise ValueError("--workers must be >= 0 and --batches, --batch-size, --repeats >= 1")
+    classes = C.CLASS_SETS[args.classes]
+    root, csv_path, entries = data_setup(args.data_root)
+    profile = C.choose_profile("auto", "cuda" if torch.cuda.is_available() else "cpu")  # as training here would
+    spec = patch_spec(args.model, args.patch_yx, profile)
+    configs = [(b, w) for w in worker_counts for b in backends]
+    loaders, peaks, rates = {}, {}, {c: [] for c in configs}
+    for config in configs:
+        backend, workers = config
+        before = child_pids()
+        loaders[config] = build_train_loader(backend, csv_path, entries, classes, spec, profile, args.batch_size,
+                                             workers, (args.batches + 1) * args.batch_size)
+        loader, sampler = loaders[config]
+        sampler.set_epoch(0)
+        next(iter(loader))  # warm-up: starts the (persistent) workers, opens files
+        peaks[config] = MemoryPeaks(child_pids() - before)
+    bar = tqdm(total=args.repeats * len(configs), desc="loader repeats", unit="run", file=sys.stderr)
+    for repeat in range(args.repeats):
+        shift = repeat % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            with peaks[config]:
+                rates[config].append(_time_loader(*loaders[config], epoch=repeat + 1, batches=args.batches))
+            bar.update()
+    bar.close()
+
+    print(f"loader: {args.model} patch {spec.raw_shape}, {len(classes)} classes ({args.classes}), batch "
+          f"{args.batch_size}, {args.batches} batches x {args.repeats} interleaved repeats after a warm-up batch; "
+          f"data {root}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(f"{'backend':13s} {'workers':>7s} {'samples/s':>10s} {'min':>8s} {'max':>8s} {'main RSS MB':>12s} "
+          f"{'main PSS MB':>12s} {'PSS MB/worker':>14s} {'total PSS MB':>13s}")
+    medians = {}
+    for config in configs:
+        backend, workers = config
+        medians[config] = statistics.median(rates[config])
+        memory = peaks[config]
+        per_worker = statistics.mean(memory.worker_pss.values()) if memory.worker_pss else 0.0
+        total = memory.pss + sum(memory.worker_pss.values())
+        print(f"{backend:13s} {workers:7d} {medians[config]:10.1f} {min(rates[config]):8.1f} {max(rates[config]):8.1f} "
+              f"{memory.rss:12.0f} {memory.pss:12.0f} {per_worker:14.0f} {total:13.0f}")
+    if len(backends) == 2:
+        issue_setting = args.classes == "all" and spec.raw_shape[1:] == (256, 256) and args.batch_size == 8
+        target = LOADER_TARGET_RATIO.get(args.model) if issue_setting else None
+        for workers in worker_counts:
+            ratio = medians[("toolkit", workers)] / medians[("cellmap-data", workers)]
+            verdict = ""
+            if target and workers == 0:
+                verdict = f" (issue 6 target >= {target:g}x: {'yes' if ratio >= target else 'NO'})"
+            print(f"toolkit / cellmap-data at {workers} workers: {ratio:.1f}x{verdict}")
+    return 0
+
+
+def add_loader_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("loader", help="training samples/s and memory of the data backends")
+    parser.add_argument("--data-root", help="CellMap data root (default: as train_local.py, else the synthetic set)")
+    parser.add_argument("--model", choices=list(C.MODELS), default="unet_2d")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", default="0", help="worker count or comma list for a sweep, e.g. 0,1,2")
+    parser.add_argument("--backend", default="toolkit",
+                        help=f"{', '.join(BACKENDS)}, a comma list, or 'both' (side by side)")
+    parser.add_argument("--batches", type=int, default=10, help="timed batches per repeat")
+    parser.add_argument("--classes", choices=list(C.CLASS_SETS), default="all")
+    parser.add_argument("--patch-yx", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads of the main process (default: torch's)")
+    parser.set_defaults(handler=bench_loader)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------
+RTX_2080_TI_BYTES = 11264 * 2**20  # 11 GiB: the memory of each of the target workstation's GPUs
+
+
+def train_step(model, loss_fn, optimizer, scaler, autocast, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One optimiser step as train_local.py takes it (AMP forward, masked loss, scaled backward, clipping)."""
+    with autocast():
+        logits = model(x)
+    loss = loss_fn(logits, y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: torch's allocator peak on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """The peak since `_reset_peak_memory`, in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_fields_mb("self", "status", ("VmHWM",))[0]
+
+
+def bench_train(args: argparse.Namespace) -> int:
+    """Training images/s with data excluded and included, and peak memory, for each model config."""
+    from models import UNet
+    from train_local import autocast_for
+
+    _set_threads(args.threads)
+    device = _resolve_device(args.device)
+    models = parse_list(args.model, "--model", choices=tuple(C.MODELS))
+    profile = C.choose_profile("auto", device.type)
+    batch_sizes = (parse_list(args.batch_size, "--batch-size", int) if args.batch_size
+                   else [profile.batch_size[m] for m in models])
+    if len(batch_sizes) == 1:
+        batch_sizes *= len(models)
+    if len(batch_sizes) != len(models) or min(batch_sizes) < 1 or min(args.steps, args.repeats) < 1:
+        raise ValueError(f"--batch-size {args.batch_size!r}: give one value >= 1 or one per model "
+                         f"({len(models)}); --steps and --repeats must be >= 1")
+    if args.precision in ("fp16", "bf16") and device.type == "cpu":
+        raise ValueError(f"--precision {args.precision} needs a CUDA device; use fp32 on CPU")
+    precision = args.precision or (profile.precision if device.type == "cuda" else "fp32")
+    channels_last = (args.channels_last or ("on" if device.type == "cuda" else "off")) == "on"
+    base_channels = args.base_channels or profile.base_channels
+    depth = args.depth or profile.depth
+    workers = profile.workers_per_gpu if args.workers is None else args.workers
+    classes = C.CLASS_SETS[args.classes]
+    autocast = autocast_for(precision, device)
+    warmup = 3 if args.compile else 1
+
+    root, csv_path, entries = data_setup(args.data_root)
+    rows = []
+    for model_name, batch_size in zip(models, batch_sizes):
+        spec = patch_spec(model_name, args.patch_yx, profile)
+        multiple = 2 ** (depth - 1)
+        if spec.raw_shape[1] % multiple or (spec.dims == 3 and spec.raw_shape[0] % multiple):
+            raise ValueError(f"patch {spec.raw_shape} must be a multiple of {multiple} for a UNet of depth {depth} "
+                             f"(change --patch-yx or --depth)")
+        steps_per_epoch = warmup + args.steps
+        loader, sampler = build_train_loader("toolkit", csv_path, entries, classes, spec, profile, batch_size, workers,
+                                             steps_per_epoch * batch_size, pin_memory=device.type == "cuda")
+        model_cfg = C.MODELS[model_name]
+        model = UNet(model_cfg.in_channels, len(classes), dims=model_cfg.dims, base_channels=base_channels,
+                     depth=depth).to(device)
+        if channels_last and model_cfg.dims == 2:
+            model = model.to(memory_format=torch.channels_last)
+        step_model = torch.compile(model) if args.compile else model
+        frequencies = toolkit_cache(entries, classes, spec, profile).class_frequencies("train")
+        loss_fn = losses.build_loss(args.loss, classes, class_frequencies=frequencies).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
+        step = lambda x, y: train_step(step_model, loss_fn, optimizer, scaler, autocast, x, y)
+
+        _reset_peak_memory(device)
+        sampler.set_epoch(0)
+        x_fixed, y_fixed = to_model_inputs(next(iter(loader)), device, channels_last)
+        for _ in range(warmup):
+            step(x_fixed, y_fixed)
+        without_data, with_data = [], []
+        for repeat in range(args.repeats):
+            without_data.append(args.steps * batch_size / _time_once(
+                lambda: [step(x_fixed, y_fixed) for _ in range(args.steps)], device))
+            sampler.set_epoch(repeat + 1)
+            batches = iter(loader)
+            for _ in range(warmup):  # the loader's first batches: worker start-up
+                step(*to_model_inputs(next(batches), device, channels_last))
+            with_data.append(args.steps * batch_size / _time_once(
+                lambda: [step(*to_model_inputs(next(batches), device, channels_last)) for _ in range(args.steps)],
+                device))
+        rows.append((model_name, batch_size, spec.raw_shape, statistics.median(without_data),
+                     statistics.median(with_data), _peak_memory_mb(device)))
+        del loader, model, step_model, optimizer
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    memory_kind = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
+    print(f"train: device {device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"{precision}, channels_last {'on' if channels_last else 'off'}, compile {'on' if args.compile else 'off'}; "
+          f"{len(classes)} classes ({args.classes}), loss {args.loss}, UNet base {base_channels} depth {depth}; "
+          f"{args.steps} steps x {args.repeats} repeats, toolkit loader with {workers} workers; data {root}")
+    print(f"{'model':9s} {'batch':>5s} {'patch':>16s} {'img/s no data':>14s} {'img/s with data':>16s} "
+          f"{'data cost':>10s} {memory_kind:>12s}")
+    for name, batch_size, patch, without, with_, memory in rows:
+        print(f"{name:9s} {batch_size:5d} {str(patch):>16s} {without:14.1f} {with_:16.1f} "
+              f"{1 - with_ / without:10.0%} {memory:12.0f}")
+    if device.type == "cuda":
+        for name, batch_size, _, _, _, memory in rows:
+            print(f"{name} at batch {batch_size}: {memory * 2**20 / RTX_2080_TI_BYTES:.0%} of an 11 GiB RTX 2080 Ti")
+    return 0
+
+
+def add_train_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("train", help="training images/s (data excluded and included) and peak memory")
+    parser.add_argument("--model", default="unet_2d", help=f"model config or comma list: {', '.join(C.MODELS)}")
+    parser.add_argument("--batch-size", help="one value or one per model (default: the hardware profile's)")
+    parser.add_argument("--precision", choices=list(C.PRECISIONS), help="default: the profile's on CUDA, fp32 on CPU")
+    parser.add_argument("--patch-yx", type=int, help="y/x patch size (default: the profile's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per repeat")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--channels-last", choices=["on", "off"], help="default: on for CUDA, off on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--classes", choices=list(C.CLASS_SETS), default="quick")
+    parser.add_argument("--loss", default="per_class_weighted", choices=list(losses.LOSS_CONFIGS))
+    parser.add_argument("--base-channels", type=int, help="default: the profile's")
+    parser.add_argument("--depth", type=int, help="default: the profile's")
+    parser.add_argument("--workers", type=int, help="loader workers for the data-included run (default: the profile's)")
+    parser.add_argument("--data-root", help="CellMap data root (default: as train_local.py, else the synthetic set)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.set_defaults(handler=bench_train)
+
+
 # Each entry adds one subcommand whose parser sets `handler(args) -> exit code`.
-COMMANDS = (add_losses_command,)
+COMMANDS = (add_losses_command, add_loader_command, add_train_command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     for add_command in COMMANDS:
         add_command(subcommands)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -45,9 +45,17 @@ class TrainingFailed(RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 # Arguments and config
 # ----------------------------------------------------------------------------------------------------
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a bad option (unknown model or class set, a non-number) as one `error:` line with exit code 2,
+    like every other bad input, instead of argparse's usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(description=__doc__.split("\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Options default to None so that `--resume` can tell which ones were given explicitly.
     p.add_argument("--model", choices=list(C.MODELS), help="model config (default unet_2d)")
     p.add_argument("--loss", help=f"named loss: {', '.join(LOSS_CONFIGS)} (default per_class_weighted)")
@@ -143,6 +151,9 @@ def build_config(args: argparse.Namespace, device: str, data_root: str) -> C.Run
                      "--workers": cfg.workers, "--max-nonfinite": cfg.max_consecutive_nonfinite,
                      "--base-channels": cfg.base_channels, "--depth": cfg.depth}[flag]
             raise ValueError(f"{flag} {value} is out of range: must be {rule}")
+    if cfg.epochs * cfg.iterations < 3:  # OneCycle needs a warm-up step and an annealing step
+        raise ValueError(f"--epochs {cfg.epochs} x --iterations {cfg.iterations} gives {cfg.epochs * cfg.iterations} "
+                         f"optimiser steps; the OneCycle schedule needs at least 3")
     multiple = 2 ** (cfg.depth - 1)
     if y % multiple:
         raise ValueError(f"--patch-yx {y} must be a multiple of {multiple} for a UNet of depth {cfg.depth}")
@@ -151,12 +162,9 @@ def build_config(args: argparse.Namespace, device: str, data_root: str) -> C.Run
     return cfg
 
 
-# Fields that may differ on resume without changing the results.
-RESUME_FREE_FIELDS = ("workers",)
-
-
-def explicit_overrides(args: argparse.Namespace, cfg: C.RunConfig) -> list[str]:
-    """Differences between the stored config and the options given explicitly on a resume command."""
+def explicit_overrides(args: argparse.Namespace, cfg: C.RunConfig, loss_options: dict, datasplit: Path) -> list[str]:
+    """Differences between the stored run (config, loss options, datasplit) and the options given explicitly
+    on a resume command."""
     flag_to_field = {"model": "model", "loss": "loss", "mode": "mode", "epochs": "epochs",
                      "iterations": "iterations", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
                      "weight_decay": "weight_decay", "grad_clip": "grad_clip", "precision": "precision",
@@ -171,7 +179,32 @@ def explicit_overrides(args: argparse.Namespace, cfg: C.RunConfig) -> list[str]:
         diffs.append(f"--classes {args.classes!r} but the run has classes={list(cfg.classes)}")
     if args.data_root is not None and str(Path(args.data_root).resolve()) != cfg.data_root:
         diffs.append(f"--data-root {args.data_root!r} but the run has data_root={cfg.data_root!r}")
+    if args.patch_yx is not None and args.patch_yx != cfg.patch_shape[1]:
+        diffs.append(f"--patch-yx {args.patch_yx} but the run has patch_shape={list(cfg.patch_shape)}")
+    if args.max_nonfinite is not None and args.max_nonfinite != cfg.max_consecutive_nonfinite:
+        diffs.append(f"--max-nonfinite {args.max_nonfinite} but the run has "
+                     f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}")
+    if args.channels_last is not None and (args.channels_last == "on") != cfg.channels_last:
+        diffs.append(f"--channels-last {args.channels_last} but the run has channels_last={cfg.channels_last}")
+    if args.loss_option and parse_loss_options(args.loss_option) != loss_options:
+        diffs.append(f"--loss-option {' '.join(args.loss_option)} but the run has loss options {loss_options}")
+    if args.datasplit is not None and Path(args.datasplit).resolve() != datasplit:
+        diffs.append(f"--datasplit {args.datasplit!r} but the run has datasplit {str(datasplit)!r}")
     return diffs
+
+
+def read_run(run_dir: Path) -> tuple[dict, C.RunConfig, dict, Path]:
+    """(results, config, loss options, datasplit CSV) of an existing run folder, for --resume."""
+    if not (run_dir / RESULTS_FILE).is_file():
+        raise RunFileError(f"--resume {run_dir}: no {RESULTS_FILE} there (not a run folder)")
+    stored = load_json(run_dir / RESULTS_FILE)
+    try:
+        return (stored, C.RunConfig.from_dict(stored["config"]),
+                stored.get("loss_options", {}),  # absent from runs recorded before the options were stored
+                Path(stored["datasplit"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunFileError(f"{run_dir / RESULTS_FILE} is not a results file of this toolkit ({err}); "
+                           f"start a new run instead of --resume") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,27 +270,37 @@ def main(argv=None) -> int:
         resume_state, run_dir = None, None
         if args.resume:
             run_dir = Path(args.resume)
-            if not (run_dir / RESULTS_FILE).is_file():
-                raise RunFileError(f"--resume {run_dir}: no {RESULTS_FILE} there (not a run folder)")
-            stored = load_json(run_dir / RESULTS_FILE)
-            cfg = C.RunConfig.from_dict(stored["config"])
-            diffs = explicit_overrides(args, cfg)
+            stored, cfg, loss_overrides, csv_path = read_run(run_dir)
+            diffs = explicit_overrides(args, cfg, loss_overrides, csv_path)
             if diffs:
                 raise ValueError(f"--resume {run_dir}: the run's config differs from this command: "
                                  + "; ".join(diffs))
-            if args.workers is not None:
+            if args.workers is not None:  # the one field a resume may change: samples do not depend on it
                 cfg = cfg.with_overrides(workers=args.workers)
             if (run_dir / "last.pt").is_file():
                 resume_state = load_checkpoint(run_dir / "last.pt")
                 if resume_state["epoch"] >= cfg.epochs:
-                    log(f"run {run_dir.name} already completed ({cfg.epochs} epochs); nothing to do")
+                    if stored["status"] != "completed":  # stopped between its last checkpoint and results.json
+                        stored.update(status="completed", failure=None, **{k: resume_state[k] for k in (
+                            "history", "best", "best_epoch", "elapsed_seconds")})
+                        save_json(run_dir / RESULTS_FILE, stored)
+                        log(f"run {run_dir.name} had finished all {cfg.epochs} epochs; {RESULTS_FILE} completed "
+                            f"from last.pt")
+                    else:
+                        log(f"run {run_dir.name} already completed ({cfg.epochs} epochs); nothing to do")
                     return 0
-            data_root, notice = Path(cfg.data_root), None
+            notice = None
         else:
             data_root, notice = resolve_data_root(args.data_root)
             cfg = build_config(args, device_type, str(data_root))
-        loss_overrides = parse_loss_options(args.loss_option)
-        csv_path = Path(args.datasplit) if args.datasplit else datasplit_for(data_root)
+            loss_overrides = parse_loss_options(args.loss_option)
+            csv_path = (Path(args.datasplit) if args.datasplit else datasplit_for(data_root)).resolve()
+        # Class frequencies only set class weights: placeholders let a bad loss option fail now rather than
+        # after the (on real data, long) cache preparation.
+        try:
+            build_loss(cfg.loss, cfg.classes, class_frequencies=dict.fromkeys(cfg.classes, 0.5), **loss_overrides)
+        except ValueError as err:
+            raise ValueError(f"loss {cfg.loss!r} with options {loss_overrides}: {err}") from None
         entries = read_datasplit(csv_path)
         out_dir = Path(args.out_dir)
         if run_dir is None and rank == 0:
@@ -281,6 +324,13 @@ def main(argv=None) -> int:
     margin = cache_margin(profile, cfg.patch_shape)
     try:
         cache = wait_for_cache(lambda **kw: prepare_cache(entries, cfg.classes, cfg.scale_nm, margin, **kw), rank)
+        report_lines = data_report(entries, cache)
+        for line in report_lines:
+            log(line)
+        for split in ("train", "validate"):
+            if not cache.split(split):
+                raise DataError(f"{csv_path}: no usable {split} crop left after preparation "
+                                f"({sum(e.split == split for e in entries)} listed; see the data report above)")
         frequencies = cache.class_frequencies("train")
         loss_fn = build_loss(cfg.loss, cfg.classes, class_frequencies=frequencies, **loss_overrides)
         loss_config = describe_loss(cfg.loss, cfg.classes, class_frequencies=frequencies, **loss_overrides)
@@ -291,20 +341,12 @@ def main(argv=None) -> int:
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                 timeout=dt.timedelta(minutes=int(os.environ.get("CELLMAP_DDP_TIMEOUT_MIN", 30))))
-    if run_dir is None:
+    new_run = run_dir is None
+    if new_run:
         name = [new_run_dir(out_dir, cfg, args.run_name).name if rank == 0 else None]
         if ddp:
             dist.broadcast_object_list(name, src=0)
         run_dir = out_dir / name[0]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    report_lines = data_report(entries, cache)
-    for line in report_lines:
-        log(line)
-    if not cache.split("validate"):
-        log("error: no validation crops left after preparation (see the report above)")
-        return 2
 
     # ---- data loaders ----
     torch.manual_seed(cfg.seed)
@@ -355,13 +397,21 @@ def main(argv=None) -> int:
         "run_name": run_dir.name, "status": "running", "model": cfg.model, "loss": cfg.loss,
         "loss_config": loss_config, "classes": list(cfg.classes), "seed": cfg.seed, "world_size": world_size,
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
-        "config": cfg.to_dict(), "parameters": count_parameters(raw_model), "datasplit": str(csv_path),
+        "config": cfg.to_dict(), "loss_options": loss_overrides, "parameters": count_parameters(raw_model),
+        "datasplit": str(csv_path),
         "data_report": report_lines, "best_epoch": best_epoch, "best": best, "history": history,
         "elapsed_seconds": elapsed_before, "failure": None,
     }
     writer = None
     if rank == 0:
-        save_json(run_dir / RESULTS_FILE, results)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=not new_run)
+            save_json(run_dir / RESULTS_FILE, results)
+        except (OSError, RunFileError) as err:  # e.g. a full disk: leave no half-made run folder behind
+            if new_run:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -372,8 +422,11 @@ def main(argv=None) -> int:
     fault_steps = {int(s) for s in args.fault_nonfinite_steps.split(",") if s}
     fault_rank, _, fault_step = args.fault_raise.partition(":")
 
+    failing = False
+
     def on_sigterm(signum, frame):  # torchrun stops the other ranks with SIGTERM when one fails
-        raise TrainingFailed("terminated by a signal (another rank failed or the job was stopped)")
+        if not failing:  # once failing, the signal must not cut the recording of the failure short
+            raise TrainingFailed("terminated by a signal (another rank failed or the job was stopped)")
 
     signal.signal(signal.SIGTERM, on_sigterm)
     started = time.time()
@@ -385,6 +438,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             loss_sum = torch.zeros((), device=device)
             class_loss_sum = torch.zeros(len(cfg.classes), device=device)
+            class_steps = torch.zeros(len(cfg.classes), device=device)
             good_steps, bad_steps = 0, 0
             batches = iter(train_loader)
             from tqdm import tqdm
@@ -398,6 +452,9 @@ def main(argv=None) -> int:
                     log(batch_sanity_line(x, y, cfg.classes))
                 if fault_step and int(fault_rank) == rank and int(fault_step) == global_step:
                     raise RuntimeError(f"injected failure on rank {rank} at step {global_step}")
+                # The forward pass updates BatchNorm statistics; a skipped step must leave no trace (an
+                # overflowing batch would otherwise poison them), so keep a copy to restore (it is tiny).
+                buffers_before = [b.detach().clone() for b in raw_model.buffers()]
                 with autocast():
                     logits = model(x)
                 loss, per_class = loss_fn(logits, y, return_per_class=True)
@@ -416,35 +473,45 @@ def main(argv=None) -> int:
                         scaler.step(optimizer)
                     scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used (logged below)
                 scheduler.step()
                 if ok:
                     good_steps += 1
                     consecutive_bad = 0
                     loss_sum += loss.detach().float()
-                    class_loss_sum += per_class.to(device)
+                    # A class's mean loss counts only the steps where it had annotated voxels (its value is
+                    # 0 otherwise): dividing by every step would dilute rarely annotated classes.
+                    counted = (~torch.isnan(y)).transpose(0, 1).flatten(1).any(1) & torch.isfinite(per_class)
+                    class_loss_sum += torch.where(counted, per_class.float(), 0.0)
+                    class_steps += counted
                 else:
+                    with torch.no_grad():
+                        for buffer, before in zip(raw_model.buffers(), buffers_before):
+                            buffer.copy_(before)
                     bad_steps += 1
                     consecutive_bad += 1
                     if consecutive_bad >= cfg.max_consecutive_nonfinite:
                         raise TrainingFailed(f"{consecutive_bad} consecutive non-finite loss/gradient steps "
                                              f"(epoch {epoch + 1}, step {step + 1}); lower --lr or check the data")
                 if writer is not None:
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
+                    writer.add_scalar("train/lr", lr, global_step)
                     if ok and step % 10 == 0:
                         writer.add_scalar("train/loss", loss.item(), global_step)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             train_seconds = time.time() - t0
-            stats = torch.cat([loss_sum[None], class_loss_sum, torch.tensor([good_steps], device=device, dtype=torch.float32)])
+            stats = torch.cat([torch.stack([loss_sum, torch.tensor(float(good_steps), device=device)]),
+                               class_loss_sum, class_steps])
             if ddp:
                 dist.all_reduce(stats)
-            n_good = max(stats[-1].item(), 1)
+            (loss_total, n_good), (class_totals, class_counts) = stats[:2].tolist(), stats[2:].view(2, -1).tolist()
             report = validate(model, val_loader, cfg.classes, device, autocast, cfg.channels_last, progress=rank == 0)
-            entry = {
-                "epoch": epoch + 1, "train_loss": stats[0].item() / n_good,
-                "train_loss_per_class": dict(zip(cfg.classes, (stats[1:-1] / n_good).tolist())),
+            entry = {  # losses are None for an epoch (or class) without a counted step
+                "epoch": epoch + 1, "train_loss": loss_total / n_good if n_good else None,
+                "train_loss_per_class": {cls: total / n if n else None
+                                         for cls, total, n in zip(cfg.classes, class_totals, class_counts)},
                 "mean_dice": report["mean_dice"], "mean_iou": report["mean_iou"],
                 "per_class": report["per_class"], "threshold_sweep": report["threshold_sweep"],
-                "absent_classes": report["absent_classes"], "lr": scheduler.get_last_lr()[0],
+                "absent_classes": report["absent_classes"], "lr": lr,
                 "samples_per_s": cfg.iterations * cfg.batch_size * world_size / train_seconds,
                 "seconds": time.time() - t0, "nonfinite_steps": bad_steps,
             }
@@ -469,17 +536,23 @@ def main(argv=None) -> int:
                                status="completed" if epoch + 1 == cfg.epochs else "running")
                 save_json(run_dir / RESULTS_FILE, results)
                 writer.add_scalar("val/mean_dice", report["mean_dice"] or 0.0, epoch + 1)
-                writer.add_scalar("train/epoch_loss", entry["train_loss"], epoch + 1)
+                if entry["train_loss"] is not None:
+                    writer.add_scalar("train/epoch_loss", entry["train_loss"], epoch + 1)
                 for cls, m in report["per_class"].items():
                     if m["dice"] is not None:
                         writer.add_scalar(f"val_dice/{cls}", m["dice"], epoch + 1)
                 writer.flush()
                 dice = "n/a" if report["mean_dice"] is None else f"{report['mean_dice']:.4f}"
-                log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {entry['train_loss']:.4f} | val mean Dice {dice} | "
+                train_loss = "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
+                log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss} | val mean Dice {dice} | "
                     f"{entry['samples_per_s']:.1f} samples/s | {entry['seconds']:.0f} s"
                     + (f" | {bad_steps} non-finite steps skipped" if bad_steps else "")
                     + (" | best" if improved else ""))
-    except (TrainingFailed, KeyboardInterrupt, Exception) as err:
+    except (Exception, KeyboardInterrupt) as err:
+        failing = True
+        # Loader workers die with the job (Ctrl-C and SIGTERM reach the whole process group); the
+        # DataLoader's SIGCHLD handler would then raise again while the failure is being recorded.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         reason = f"{type(err).__name__}: {err}"
         if device_type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
             reason = oom_advice(cfg, device)
@@ -492,10 +565,14 @@ def main(argv=None) -> int:
             reason += " | " + " | ".join(f"{p.stem}: {p.read_text().strip()}" for p in peers)
         results.update(status="failed", failure=reason,
                        elapsed_seconds=elapsed_before + time.time() - started)
-        save_json(run_dir / RESULTS_FILE, results)
+        try:
+            save_json(run_dir / RESULTS_FILE, results)
+        except RunFileError as write_err:  # e.g. the disk that stopped the run is still full
+            reason += f" (and the failure could not be recorded: {write_err})"
         print(f"error: run {run_dir.name} failed: {reason} (last good checkpoint: {run_dir / 'last.pt'})",
               file=sys.stderr)
-        if not isinstance(err, (TrainingFailed, KeyboardInterrupt)) and not isinstance(err, torch.cuda.OutOfMemoryError):
+        expected = (TrainingFailed, RunFileError, KeyboardInterrupt, torch.cuda.OutOfMemoryError)
+        if not peers and not isinstance(err, expected):  # a bug here: show where (a peer's failure is reported)
             raise
         return 1
     finally:

@@ -1,0 +1,309 @@
+"""Reliability of train_local.py through its real command line: SIGKILL at any point then --resume reproduces
+the uninterrupted run, every bad input is one `error:` line with exit code 2 that changes no file, non-finite
+steps are skipped and counted (many in a row stop the run), and a failing DDP rank ends the whole run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from checkpoint import load_checkpoint, load_json
+from conftest import (TINY_RUN_OPTIONS, epoch_metrics, epochs_recorded, folder_digest, kill_when, run_script,
+                      run_training, start_training)
+from make_synthetic_data import _multiscales
+
+BASE = [*TINY_RUN_OPTIONS, "--epochs", 3, "--iterations", 2, "--seed", 3]
+GT = "tiny_iso/tiny_iso.zarr/recon-1/labels/groundtruth"
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess, *culprits: str) -> str:
+    """stderr holds exactly one `error:` line naming every culprit, and nothing else but progress bars."""
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_root, session_cli_env, tmp_path_factory) -> Path:
+    """An uninterrupted run: the per-epoch metrics every interrupted run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    done = run_training([*BASE, "--data-root", tiny_root, "--out-dir", out, "--run-name", "r"], session_cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "r"
+
+
+# ---------------------------------------------------------------------------------------------- kills
+def test_sigkill_at_any_point_then_resume_reproduces_the_uninterrupted_run(reference, tiny_root, session_cli_env,
+                                                                          tmp_path):
+    run_dir = tmp_path / "k"
+    resume = ["--resume", run_dir]
+
+    # 1. During epoch 1, before any checkpoint: results.json (written before training) is readable.
+    first = [*BASE, "--data-root", tiny_root, "--out-dir", tmp_path, "--run-name", "k"]
+    kill_when(start_training(first, session_cli_env), lambda: epochs_recorded(run_dir) == 0)
+    assert load_json(run_dir / "results.json")["status"] == "running" and not (run_dir / "last.pt").exists()
+
+    # 2. In the middle of writing epoch 2's last.pt (paused between the temporary file and the rename).
+    pausing = dict(session_cli_env, CELLMAP_DEBUG_PAUSE_IN_SAVE="1")
+    kill_when(start_training(resume, pausing),
+              lambda: (run_dir / ".last.pt.tmp").exists() and (run_dir / "last.pt").exists())
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    assert epochs_recorded(run_dir) == 1
+
+    # 3. During epoch 3's training steps.
+    kill_when(start_training(resume, session_cli_env), lambda: epochs_recorded(run_dir) == 2)
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+
+    # 4. Resume to the end: the same numbers as the run that was never interrupted.
+    done = run_training(resume, session_cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming k at epoch 3/3" in done.stdout
+    resumed, uninterrupted = load_json(run_dir / "results.json"), load_json(reference / "results.json")
+    assert resumed["status"] == "completed"
+    assert epoch_metrics(resumed["history"]) == epoch_metrics(uninterrupted["history"])
+    assert (resumed["best_epoch"], resumed["best"]) == (uninterrupted["best_epoch"], uninterrupted["best"])
+
+
+def test_resume_completes_results_of_a_run_killed_after_its_last_checkpoint(reference, session_cli_env, tmp_path):
+    # The state a kill leaves between the final last.pt and the final results.json: results.json one epoch behind.
+    run_dir = shutil.copytree(reference, tmp_path / "r")
+    stale = load_json(run_dir / "results.json")
+    stale.update(status="running", history=stale["history"][:-1])
+    (run_dir / "results.json").write_text(json.dumps(stale))
+    last_before = (run_dir / "last.pt").read_bytes()
+
+    done = run_training(["--resume", run_dir], session_cli_env)
+    assert done.returncode == 0 and "results.json completed from last.pt" in done.stdout, done.stderr[-3000:]
+    completed = load_json(run_dir / "results.json")
+    assert completed["status"] == "completed"
+    assert completed["history"] == load_json(reference / "results.json")["history"]
+    assert (run_dir / "last.pt").read_bytes() == last_before, "no epoch is trained again"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _write_csv(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
+    return path
+
+
+def _add_array(group_path: Path, data: np.ndarray, translation_voxels, metadata: bool = True) -> None:
+    group = zarr.open_group(str(group_path), mode="w")
+    group.create_dataset("s0", data=data, chunks=data.shape)
+    if metadata:
+        voxel = np.array([8.0, 8.0, 8.0])
+        group.attrs.update(_multiscales([("s0", voxel, np.array(translation_voxels) * voxel)]))
+
+
+@pytest.fixture(scope="module")
+def bad_data(tiny_root, tmp_path_factory) -> dict[str, Path]:
+    """A copy of the tiny dataset with broken additions, and one datasplit CSV per broken case."""
+    base = tmp_path_factory.mktemp("bad")
+    data = base / "data"
+    shutil.copytree(tiny_root, data)
+    gt = data / GT
+    nuc = np.zeros((4, 16, 16), dtype=np.uint8)
+    nuc[1:3, 4:12, 4:12] = 1
+    _add_array(gt / "crop90/nuc", nuc, (1000, 0, 0))           # far outside the 24-slice raw volume
+    _add_array(gt / "crop91/nuc", nuc, (8, 8, 8))              # inside, smaller than a 32x32 patch
+    _add_array(gt / "crop92/nuc", nuc, (8, 8, 8), metadata=False)
+    _add_array(data / "tiny_iso/tiny_iso.zarr/recon-1/em/fibsem-float", np.zeros((24, 128, 128), np.float32), (0, 0, 0))
+
+    with open(data / "datasplit.csv", newline="") as f:
+        rows = [[field.replace(str(tiny_root), str(data)) for field in row] for row in csv.reader(f)]
+    with open(data / "datasplit.csv", "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
+    train_rows = [r for r in rows if r[0] == "train"]
+
+    def crop_row(split, crop, classes="nuc", raw="recon-1/em/fibsem-uint8"):
+        zarr_path = str(data / "tiny_iso/tiny_iso.zarr")
+        return [split, zarr_path, raw, zarr_path, f"recon-1/labels/groundtruth/{crop}/[{classes}]"]
+
+    splits = base / "splits"
+    splits.mkdir()
+    first = rows[0]
+    return {
+        "data": data, "base": base,
+        "report": _write_csv(splits / "report.csv", rows + [crop_row("train", "crop90"), crop_row("train", "crop91")]),
+        "missing_zarr": _write_csv(splits / "missing_zarr.csv", [
+            [first[0], first[1].replace("tiny_iso.zarr", "nope.zarr"), *first[2:]], *rows[1:]]),
+        "missing_crop": _write_csv(splits / "missing_crop.csv", rows + [crop_row("train", "crop999")]),
+        "missing_class": _write_csv(splits / "missing_class.csv", rows + [crop_row("train", "crop91", "nuc,perox")]),
+        "wrong_dtype": _write_csv(splits / "wrong_dtype.csv",
+                                  rows + [crop_row("train", "crop91", raw="recon-1/em/fibsem-float")]),
+        "no_multiscales": _write_csv(splits / "no_multiscales.csv", rows + [crop_row("train", "crop92")]),
+        "nothing_left": _write_csv(splits / "nothing_left.csv", train_rows + [crop_row("validate", "crop90")]),
+    }
+
+
+@pytest.fixture(scope="module")
+def broken_runs(reference, bad_data) -> Path:
+    """Copies of the reference run whose last.pt is corrupt or truncated."""
+    runs = bad_data["base"] / "runs"
+    for name in ("corrupt", "truncated"):
+        shutil.copytree(reference, runs / name)
+    last = (runs / "corrupt" / "last.pt").read_bytes()
+    (runs / "corrupt" / "last.pt").write_bytes(bytes(b ^ 0x5A for b in last[:4096]) + last[4096:])
+    (runs / "truncated" / "last.pt").write_bytes(last[: len(last) // 2])
+    return runs
+
+
+# A full disk, simulated in the real command: every fsync (only the run-file writes call it) fails.
+FULL_DISK = ("import errno, os, runpy, sys\n"
+             "def full(fd):\n"
+             "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+             "os.fsync = full\n"
+             "sys.argv[0] = 'train_local.py'\n"
+             "runpy.run_path('train_local.py', run_name='__main__')\n")
+NOT_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+
+# case -> (python arguments, extra environment, texts the error line must contain). Placeholders: {data} the
+# broken dataset copy, {runs} a folder of existing runs, {tmp} a scratch folder, {<name>} a datasplit CSV.
+TRAIN = ["train_local.py", *TINY_RUN_OPTIONS, "--epochs", "1", "--iterations", "3", "--out-dir", "{runs}"]
+ON_DATA = [*TRAIN, "--data-root", "{data}"]
+BAD_INPUT = {
+    "data root missing (--data-root)": ([*TRAIN, "--data-root", "{tmp}/nowhere"], {},
+                                        ["--data-root", "{tmp}/nowhere", "does not exist"]),
+    "data root missing ($CELLMAP_DATA_ROOT)": (TRAIN, {"CELLMAP_DATA_ROOT": "{tmp}/gone"},
+                                               ["$CELLMAP_DATA_ROOT", "{tmp}/gone"]),
+    "folder without CellMap data": ([*TRAIN, "--data-root", "{tmp}/empty"], {}, ["{tmp}/empty", "no CellMap data"]),
+    "datasplit: missing zarr": ([*ON_DATA, "--datasplit", "{missing_zarr}"], {}, ["{missing_zarr} row 1", "nope.zarr"]),
+    "datasplit: missing crop": ([*ON_DATA, "--datasplit", "{missing_crop}"], {}, ["{missing_crop} row 4", "crop999"]),
+    "datasplit: missing class": ([*ON_DATA, "--datasplit", "{missing_class}"], {}, ["{missing_class} row 4", "perox"]),
+    "unknown class set": ([*ON_DATA, "--classes", "most"], {}, ["--classes", "'most'", "quick"]),
+    "unknown loss": ([*ON_DATA, "--loss", "dicey"], {}, ["'dicey'", "per_class_weighted"]),
+    "unknown model": ([*ON_DATA, "--model", "unet_4d"], {}, ["--model", "'unet_4d'", "unet_25d"]),
+    "unknown mode": ([*ON_DATA, "--mode", "fast"], {}, ["'fast'", "loss_comparison"]),
+    "batch size 0": ([*ON_DATA, "--batch-size", "0"], {}, ["--batch-size 0", "at least 1"]),
+    "learning rate 0": ([*ON_DATA, "--lr", "0"], {}, ["--lr 0", "(0, 1]"]),
+    "epochs 0": ([*ON_DATA, "--epochs", "0"], {}, ["--epochs 0"]),
+    "schedule too short": ([*ON_DATA, "--epochs", "1", "--iterations", "2"], {}, ["--iterations 2", "at least 3"]),
+    "Tversky alpha": ([*ON_DATA, "--loss", "tversky_precision", "--loss-option", "alpha=-1"], {}, ["alpha", "-1"]),
+    "Tversky beta": ([*ON_DATA, "--loss", "tversky_recall", "--loss-option", "beta=-0.5"], {}, ["beta", "-0.5"]),
+    "corrupt checkpoint": (["train_local.py", "--resume", "{runs}/corrupt"], {}, ["{runs}/corrupt/last.pt", "corrupt"]),
+    "truncated checkpoint": (["train_local.py", "--resume", "{runs}/truncated"], {}, ["{runs}/truncated/last.pt", "truncated"]),
+    "raw zarr of the wrong dtype": ([*ON_DATA, "--datasplit", "{wrong_dtype}"], {}, ["fibsem-float", "float32", "uint8"]),
+    "missing multiscales metadata": ([*ON_DATA, "--datasplit", "{no_multiscales}"], {}, ["crop92", "multiscales"]),
+    "output folder is a file": ([*ON_DATA, "--out-dir", "{tmp}/a-file"], {}, ["{tmp}/a-file", "not writable"]),
+    "output folder read-only": ([*ON_DATA, "--out-dir", "{tmp}/read-only/runs"], {}, ["{tmp}/read-only", "not writable"]),
+    "no validation crop left": ([*ON_DATA, "--datasplit", "{nothing_left}"], {},
+                                ["{nothing_left}", "no usable validate crop", "1 listed"]),
+    "full disk": (["-c", FULL_DISK, *TRAIN[1:], "--data-root", "{data}"], {}, ["disk full", "results.json"]),
+    "evaluate: corrupt checkpoint": (["evaluate.py", "{runs}/corrupt", "--checkpoint", "last"], {},
+                                     ["{runs}/corrupt/last.pt", "corrupt"]),
+    "evaluate: truncated checkpoint": (["evaluate.py", "{runs}/truncated", "--checkpoint", "last"], {},
+                                       ["{runs}/truncated/last.pt", "truncated"]),
+    "evaluate: overlap out of range": (["evaluate.py", "{runs}/corrupt", "--overlap", "1.5"], {}, ["--overlap 1.5"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(bad_data, broken_runs, session_cli_env, tmp_path_factory):
+    """Every case run as a real command (three at a time), with digests of all files before and after."""
+    tmp = tmp_path_factory.mktemp("elsewhere")
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "notes.txt").write_text("not a dataset\n")
+    (tmp / "a-file").write_text("a file where the output folder should be\n")
+    (tmp / "read-only").mkdir(mode=0o555)
+    places = {**{k: str(v) for k, v in bad_data.items()}, "runs": str(broken_runs), "tmp": str(tmp)}
+    fill = lambda texts: [t.format(**places) for t in texts]
+    cases = {name: (fill(args), {k: v.format(**places) for k, v in env.items()}, fill(culprits))
+             for name, (args, env, culprits) in BAD_INPUT.items()
+             if not (name == "output folder read-only" and os.geteuid() == 0)}
+    watched = (bad_data["base"], tmp)
+    before = folder_digest(*watched)
+    with ThreadPoolExecutor(3) as pool:
+        done = dict(zip(cases, pool.map(lambda c: run_script(c[0], {**session_cli_env, **c[1]}), cases.values())))
+    return cases, done, before, folder_digest(*watched)
+
+
+@pytest.mark.parametrize("case", [pytest.param(n, marks=NOT_ROOT) if n == "output folder read-only" else n
+                                  for n in BAD_INPUT])
+def test_bad_input_is_one_error_line_with_exit_code_2(bad_input_runs, case):
+    cases, done, _, _ = bad_input_runs
+    result = done[case]
+    assert result.returncode == 2, (case, result.stdout[-2000:], result.stderr[-2000:])
+    assert_one_error_line(result, *cases[case][2])
+
+
+def test_bad_input_changes_no_file(bad_input_runs):
+    _, _, before, after = bad_input_runs
+    assert after == before
+
+
+def test_report_names_dropped_crop_when_nothing_is_left(bad_input_runs):
+    _, done, _, _ = bad_input_runs
+    assert "dropped tiny_iso/crop90: crop lies outside its raw volume" in done["no validation crop left"].stdout
+
+
+# ---------------------------------------------------------------------------------------------- faults
+@pytest.fixture(scope="module")
+def nonfinite_runs(bad_data, session_cli_env, tmp_path_factory):
+    """Two runs side by side: a few forced non-finite steps (on the datasplit with a dropped and a small
+    crop), and a non-finite streak longer than --max-nonfinite starting in epoch 2."""
+    out = tmp_path_factory.mktemp("nonfinite")
+    some = [*TINY_RUN_OPTIONS, "--epochs", 2, "--iterations", 3, "--data-root", bad_data["data"],
+            "--datasplit", bad_data["report"], "--out-dir", out, "--run-name", "some", "--fault-nonfinite-steps", "1,2"]
+    many = [*BASE, "--data-root", bad_data["data"], "--out-dir", out, "--run-name", "many", "--max-nonfinite", 3,
+            "--fault-nonfinite-steps", "2,3,4,5,6,7"]
+    with ThreadPoolExecutor(2) as pool:
+        some_done, many_done = pool.map(lambda args: run_training(args, session_cli_env), (some, many))
+    return out, some_done, many_done
+
+
+def test_some_nonfinite_steps_are_skipped_and_counted(nonfinite_runs):
+    out, done, _ = nonfinite_runs
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = load_json(out / "some" / "results.json")
+    assert results["status"] == "completed"
+    assert [h["nonfinite_steps"] for h in results["history"]] == [2, 0]
+    assert all(np.isfinite(h["train_loss"]) for h in results["history"])
+    assert "2 non-finite steps skipped" in done.stdout
+
+
+def test_data_report_counts_dropped_and_small_crops(nonfinite_runs):
+    _, done, _ = nonfinite_runs
+    assert "train: 3/4 crops used" in done.stdout, "the crop smaller than a patch is used, NaN-padded"
+    assert "dropped tiny_iso/crop90: crop lies outside its raw volume" in done.stdout
+    assert "WARNING: 1 of 5 crops dropped" in done.stdout
+
+
+def test_a_nonfinite_streak_stops_the_run_with_a_usable_checkpoint(nonfinite_runs):
+    out, _, done = nonfinite_runs
+    assert done.returncode == 1
+    line = assert_one_error_line(done, "run many failed", "3 consecutive non-finite", "last.pt")
+    results = load_json(out / "many" / "results.json")
+    assert results["status"] == "failed" and "3 consecutive non-finite" in results["failure"], line
+    first, second = results["history"]
+    assert (first["nonfinite_steps"], second["nonfinite_steps"]) == (0, 2) and second["train_loss"] is None
+    # Skipped steps change nothing, BatchNorm statistics included: epoch 2 scores exactly like epoch 1.
+    assert second["per_class"] == first["per_class"]
+    last, best = load_checkpoint(out / "many" / "last.pt"), load_checkpoint(out / "many" / "best.pt")
+    assert (last["epoch"], best["epoch"]) == (2, 1)
+    assert all(torch.equal(last["model"][k], best["model"][k]) for k in best["model"])
+
+
+def test_an_exception_on_one_ddp_rank_ends_the_run_promptly_and_is_recorded(tiny_root, session_cli_env, tmp_path):
+    done = run_training([*BASE, "--data-root", tiny_root, "--out-dir", tmp_path, "--run-name", "ddp",
+                         "--fault-raise", "1:3"], session_cli_env, processes=2)
+    ended = time.time()
+    run_dir = tmp_path / "ddp"
+    assert done.returncode != 0
+    assert ended - (run_dir / "failure_rank1.txt").stat().st_mtime < 60, "the other rank must not hang"
+    results = load_json(run_dir / "results.json")
+    assert results["status"] == "failed" and results["world_size"] == 2
+    assert "injected failure on rank 1 at step 3" in results["failure"]
+    assert len(results["history"]) == 1 and load_checkpoint(run_dir / "last.pt")["epoch"] == 1
