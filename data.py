@@ -108,6 +108,18 @@ def read_levels(group_path: str | Path) -> list[Level]:
     return sorted(levels, key=lambda lv: np.prod(lv.scale))
 
 
+def multiscales_attrs(levels) -> dict:
+    """OME-NGFF 0.4 `multiscales` attributes for levels [(array path, scale zyx nm, translation zyx nm)]:
+    the metadata `read_levels` reads (the synthetic data and written predictions use it)."""
+    return {"multiscales": [{
+        "version": "0.4", "name": "",
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+        "datasets": [{"path": path, "coordinateTransformations": [
+            {"type": "scale", "scale": [float(s) for s in scale]},
+            {"type": "translation", "translation": [float(t) for t in trans]}]} for path, scale, trans in levels],
+    }]}
+
+
 def choose_level(levels: Sequence[Level], scale: Sequence[float]) -> Level:
     """The coarsest level no coarser than `scale` on any axis (nothing invented), else the finest."""
     fine_enough = [lv for lv in levels if all(s <= t * 1.001 for s, t in zip(lv.scale, scale))]
@@ -576,7 +588,7 @@ def augment(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator, flip_
     return raw.copy(order="C"), labels.copy(order="C")
 
 
-def _format_sample(raw: np.ndarray, labels: np.ndarray, dims: int) -> dict:
+def format_sample(raw: np.ndarray, labels: np.ndarray, dims: int) -> dict:
     """2D/2.5D: raw slices become channels [S,H,W], labels [C,H,W]; 3D: raw [1,D,H,W], labels [C,D,H,W]."""
     if dims == 2:
         return {"raw": torch.from_numpy(raw), "labels": torch.from_numpy(labels[:, 0])}
@@ -654,7 +666,7 @@ class TrainPatches(Dataset):
         raw, labels = cut_patch(crop, start, self.spec.raw_shape, self.spec.label_shape)
         if self.augment:
             raw, labels = augment(raw, labels, rng, flip_z=True)
-        return _format_sample(raw, labels, self.spec.dims)
+        return format_sample(raw, labels, self.spec.dims)
 
 
 def tile_starts(length: int, tile: int, step: int | None = None) -> list[int]:
@@ -695,7 +707,7 @@ class ValidationTiles(Dataset):
         crop = self.crops[ci]
         z_raw = z - (self.spec.raw_shape[0] - self.spec.label_shape[0]) // 2
         raw, labels = cut_patch(crop, (z_raw, y, x), self.spec.raw_shape, self.spec.label_shape)
-        sample = _format_sample(raw, labels, self.spec.dims)
+        sample = format_sample(raw, labels, self.spec.dims)
         sample["tile"] = torch.tensor([ci, z, y, x])
         return sample
 

@@ -48,11 +48,11 @@ import torch
 
 import config_shenron as C
 from checkpoint import RunFileError, load_checkpoint, load_json, save_json
-from data import (UNANNOTATED, CachedCrop, DataError, PatchSpec, ValidationTiles, _format_sample, cache_margin,
-                  cut_patch, datasplit_for, make_loader, prepare_cache, read_datasplit, resolve_data_root,
-                  tile_starts, to_model_inputs)
+from data import (UNANNOTATED, CachedCrop, DataError, PatchSpec, ValidationTiles, cache_margin, cut_patch,
+                  datasplit_for, format_sample, make_loader, multiscales_attrs, prepare_cache, read_datasplit,
+                  resolve_data_root, tile_starts, to_model_inputs)
 from metrics import ConfusionCounter, format_table
-from models import UNet
+from models import unet_for_run
 
 CHECKPOINTS = ("best", "last")
 TILINGS = ("training", "sliding")
@@ -110,15 +110,13 @@ def load_run_model(run_dir, which: str = "best", device="cpu"):
     state = load_checkpoint(path, map_location=device)
     try:
         cfg = C.RunConfig.from_dict(state["config"])
-        model_cfg = C.MODELS[cfg.model]
-        model = UNet(model_cfg.in_channels, len(cfg.classes), dims=model_cfg.dims, base_channels=cfg.base_channels,
-                     depth=cfg.depth, norm=cfg.norm)
+        model = unet_for_run(cfg)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise RunFileError(f"checkpoint {path} does not match its stored config ({type(err).__name__}: "
                            f"{str(err).splitlines()[0]})") from None
     model = model.to(device)
-    if cfg.channels_last and model_cfg.dims == 2:
+    if cfg.channels_last and model.dims == 2:
         model = model.to(memory_format=torch.channels_last)
     return cfg, model.eval(), state
 
@@ -180,7 +178,7 @@ def predict_crop(model: torch.nn.Module, crop: CachedCrop, spec: PatchSpec, devi
     batches = range(0, len(origins), batch_size)
     for first in tqdm(batches, desc=f"sliding {crop.name}", unit="batch", leave=False, disable=not progress):
         chunk = origins[first:first + batch_size]
-        samples = [_format_sample(*cut_patch(crop, (z - context_z, y, x), spec.raw_shape, label_shape), spec.dims)
+        samples = [format_sample(*cut_patch(crop, (z - context_z, y, x), spec.raw_shape, label_shape), spec.dims)
                    for z, y, x in chunk]
         x_in, _ = to_model_inputs(default_collate(samples), device)
         with autocast():
@@ -230,7 +228,6 @@ def write_prediction_zarr(path: Path, probs: np.ndarray, classes: Sequence[str],
     group per class with s0 uint8 = round(255 p), placed at the crop's position in the volume."""
     import zarr
 
-    from make_synthetic_data import _multiscales
 
     translation = [g * s for g, s in zip(crop.grid_start, scale_nm)]  # voxel centres, as data.py reads them
     root = zarr.open_group(str(path), mode="w")
@@ -240,7 +237,7 @@ def write_prediction_zarr(path: Path, probs: np.ndarray, classes: Sequence[str],
         group = root.create_group(cls)
         data = np.rint(probs[list(classes).index(cls)] * 255).astype(np.uint8)
         group.create_dataset("s0", data=data, chunks=tuple(min(64, n) for n in data.shape))
-        group.attrs.update(_multiscales([("s0", scale_nm, translation)]))
+        group.attrs.update(multiscales_attrs([("s0", scale_nm, translation)]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from data import multiscales_attrs
+
 SYNTHETIC_FORMAT_VERSION = "1"
 CLASSES = ("ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "golgi_mem", "golgi_lum", "ves_mem", "ves_lum",
            "endo_mem", "endo_lum", "er_mem", "er_lum", "nuc")
@@ -268,16 +270,6 @@ def render_em(geometry: Geometry, voxel, rng: np.random.Generator) -> np.ndarray
 # ----------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------
-def _multiscales(levels) -> dict:
-    return {"multiscales": [{
-        "version": "0.4", "name": "",
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
-        "datasets": [{"path": path, "coordinateTransformations": [
-            {"type": "scale", "scale": [float(s) for s in scale]},
-            {"type": "translation", "translation": [float(t) for t in trans]}]} for path, scale, trans in levels],
-    }]}
-
-
 def _write_array(group, name: str, data: np.ndarray) -> None:
     from numcodecs import Blosc, blosc
 
@@ -310,7 +302,7 @@ def write_dataset(out: Path, spec: DatasetSpec, seed: int, index: int) -> list[l
     _write_array(em, "s0", raw)
     _write_array(em, "s1", _block_mean(raw))
     voxel = np.array(spec.voxel)
-    em.attrs.update(_multiscales([("s0", voxel, (0, 0, 0)), ("s1", 2 * voxel, voxel / 2)]))
+    em.attrs.update(multiscales_attrs([("s0", voxel, (0, 0, 0)), ("s1", 2 * voxel, voxel / 2)]))
 
     rows = []
     for crop_id, split, start, size, classes, nuc_coarse in spec.crops:
@@ -329,7 +321,7 @@ def write_dataset(out: Path, spec: DatasetSpec, seed: int, index: int) -> list[l
                 label, scale, trans = label[::2, ::2, ::2], 2 * voxel, trans + voxel / 2
             class_group = group.require_group(cls)
             _write_array(class_group, "s0", label)
-            class_group.attrs.update(_multiscales([("s0", scale, trans)]))
+            class_group.attrs.update(multiscales_attrs([("s0", scale, trans)]))
         rows.append([split, str(zarr_path.resolve()), "recon-1/em/fibsem-uint8", str(zarr_path.resolve()),
                      f"recon-1/labels/groundtruth/crop{crop_id}/[{','.join(classes)}]"])
     return rows

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+import config_shenron as C
+
 NORMS = ("batch", "instance", "group")
 PRECISIONS = {"fp16": 2, "bf16": 2, "fp32": 4}
 LEAKY_SLOPE = 0.01
@@ -159,3 +161,11 @@ def estimate_memory(model: nn.Module, input_shape, precision: str = "fp16") -> d
     return {"params": params, "param_bytes": param_bytes, "gradient_bytes": gradient_bytes,
             "optimizer_bytes": optimizer_bytes, "activation_bytes": activation_bytes,
             "total_bytes": param_bytes + gradient_bytes + optimizer_bytes + activation_bytes}
+
+
+def unet_for_run(cfg: C.RunConfig) -> UNet:
+    """The UNet a run config describes (model config's input channels and dims, the run's classes, width,
+    depth and norm): training, evaluation and the tests build a run's model only through this."""
+    model_cfg = C.MODELS[cfg.model]
+    return UNet(model_cfg.in_channels, len(cfg.classes), dims=model_cfg.dims, base_channels=cfg.base_channels,
+                depth=cfg.depth, norm=cfg.norm)

@@ -33,7 +33,7 @@ from data import (DataError, EpochSampler, PatchSpec, TrainPatches, ValidationTi
 from evaluate import validate
 from losses import LOSS_CONFIGS, build_loss, describe_loss
 from metrics import format_table
-from models import UNet, count_parameters
+from models import count_parameters, unet_for_run
 
 RESULTS_FILE = "results.json"
 
@@ -365,8 +365,7 @@ def main(argv=None) -> int:
     val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, pin_memory=device_type == "cuda")
 
     # ---- model, loss, optimiser ----
-    model = UNet(model_cfg.in_channels, len(cfg.classes), dims=model_cfg.dims, base_channels=cfg.base_channels,
-                 depth=cfg.depth, norm=cfg.norm).to(device)
+    model = unet_for_run(cfg).to(device)
     if cfg.channels_last and model_cfg.dims == 2:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model

@@ -18,7 +18,7 @@ from conftest import (TINY_RUN_OPTIONS, epoch_metrics, epochs_recorded, folder_d
 from data import (EpochSampler, PatchSpec, TrainPatches, ValidationTiles, batch_sanity_line, cache_margin,
                   make_loader, prepare_cache, read_datasplit, to_model_inputs)
 from evaluate import validate
-from models import UNet
+from models import UNet, unet_for_run
 
 EPOCHS, ITERATIONS, BATCH, LR, SEED = 3, 2, 3, 0.004, 11
 
@@ -41,9 +41,7 @@ def run_cache(results: dict, cache_dir: Path):
 
 
 def load_model(cfg: C.RunConfig, checkpoint: Path) -> UNet:
-    model_cfg = C.MODELS[cfg.model]
-    model = UNet(model_cfg.in_channels, len(cfg.classes), dims=model_cfg.dims, base_channels=cfg.base_channels,
-                 depth=cfg.depth, norm=cfg.norm)
+    model = unet_for_run(cfg)
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     return model
 
