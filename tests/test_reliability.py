@@ -20,7 +20,7 @@ import zarr
 from checkpoint import load_checkpoint, load_json
 from conftest import (TINY_RUN_OPTIONS, epoch_metrics, epochs_recorded, folder_digest, kill_when, run_script,
                       run_training, start_training)
-from make_synthetic_data import _multiscales
+from data import multiscales_attrs
 
 BASE = [*TINY_RUN_OPTIONS, "--epochs", 3, "--iterations", 2, "--seed", 3]
 GT = "tiny_iso/tiny_iso.zarr/recon-1/labels/groundtruth"
@@ -105,7 +105,7 @@ def _add_array(group_path: Path, data: np.ndarray, translation_voxels, metadata:
     group.create_dataset("s0", data=data, chunks=data.shape)
     if metadata:
         voxel = np.array([8.0, 8.0, 8.0])
-        group.attrs.update(_multiscales([("s0", voxel, np.array(translation_voxels) * voxel)]))
+        group.attrs.update(multiscales_attrs([("s0", voxel, np.array(translation_voxels) * voxel)]))
 
 
 @pytest.fixture(scope="module")
