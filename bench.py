@@ -351,19 +351,6 @@ def add_loader_command(subcommands: argparse._SubParsersAction) -> None:
 RTX_2080_TI_BYTES = 11264 * 2**20  # 11 GiB: the memory of each of the target workstation's GPUs
 
 
-def train_step(model, loss_fn, optimizer, scaler, autocast, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One optimiser step as train_local.py takes it (AMP forward, masked loss, scaled backward, clipping)."""
-    with autocast():
-        logits = model(x)
-    loss = loss_fn(logits, y)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def _reset_peak_memory(device: torch.device) -> None:
     """Start a new peak: torch's allocator peak on CUDA, the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -386,7 +373,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 def bench_train(args: argparse.Namespace) -> int:
     """Training images/s with data excluded and included, and peak memory, for each model config."""
     from models import UNet
-    from train_local import autocast_for
+    from train_local import DEFAULTS, autocast_for, training_step
 
     _set_threads(args.threads)
     device = _resolve_device(args.device)
@@ -429,9 +416,10 @@ def bench_train(args: argparse.Namespace) -> int:
         step_model = torch.compile(model) if args.compile else model
         frequencies = toolkit_cache(entries, classes, spec, profile).class_frequencies("train")
         loss_fn = losses.build_loss(args.loss, classes, class_frequencies=frequencies).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=DEFAULTS["lr"], weight_decay=DEFAULTS["weight_decay"])
         scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
-        step = lambda x, y: train_step(step_model, loss_fn, optimizer, scaler, autocast, x, y)
+        step = lambda x, y: training_step(step_model, model, loss_fn, optimizer, scaler, autocast, x, y,
+                                          DEFAULTS["grad_clip"])  # train_local.py's step
 
         _reset_peak_memory(device)
         sampler.set_epoch(0)

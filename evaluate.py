@@ -27,11 +27,13 @@ classes, the mean's definition, the threshold sweep labelled as tuned on validat
 tiling the recorded metrics and the largest difference from them. The tables are printed.
 
 `--write-predictions` stores the sliding-window probabilities of every validation crop as OME-NGFF 0.4
-zarr (v2) in `RUN_DIR/predictions/<dataset>/<crop>.zarr/<class>/s0`, uint8 = round(255 * probability).
+zarr (v2) in `RUN_DIR/predictions/<checkpoint>/<dataset>/<crop>.zarr/<class>/s0`, uint8 =
+round(255 * probability).
 They go into the run folder, never into the data folder (which may be shared or read-only); their
 multiscales metadata (8 nm scale, translation = the crop's position in the volume, in nm) makes them
 overlay the raw `recon-1/em/fibsem-uint8` of the dataset when both are opened in neuroglancer or napari.
-A later evaluation of the same run replaces them (the root group's attributes name the checkpoint).
+best and last write to separate folders; a later evaluation of the same checkpoint replaces them (the
+root group's attributes name the run, checkpoint, epoch and overlap).
 """
 from __future__ import annotations
 
@@ -314,7 +316,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="CellMap data root (default: the one the run used)")
     p.add_argument("--datasplit", help="datasplit CSV (default: the run's own, or that of --data-root)")
     p.add_argument("--write-predictions", action="store_true",
-                   help="write the sliding-window probabilities as OME-NGFF zarr under RUN_DIR/predictions/")
+                   help="write the sliding-window probabilities as OME-NGFF zarr under "
+                        "RUN_DIR/predictions/<checkpoint>/")
     p.add_argument("--classes-to-write", nargs="+", metavar="CLASS",
                    help="classes whose probabilities --write-predictions stores (default: all of the run's)")
     return p.parse_args(argv)
@@ -388,6 +391,7 @@ def main(argv=None) -> int:
         "batch_size": batch_size, "tilings": {}, "predictions": None,
     }
     tables, written = [], {}
+    predictions_dir = run_dir / "predictions" / args.checkpoint
     if "training" in tilings:
         tiles = ValidationTiles(cache, spec)
         loader = make_loader(tiles, batch_size, cfg.workers, pin_memory=device.type == "cuda")
@@ -413,7 +417,7 @@ def main(argv=None) -> int:
                           "overlap": args.overlap}
 
             def on_prediction(crop, probs):
-                path = run_dir / "predictions" / f"{crop.name}.zarr"
+                path = predictions_dir / f"{crop.name}.zarr"
                 write_prediction_zarr(path, probs, cfg.classes, write_classes, crop, cfg.scale_nm, provenance)
                 written[crop.name] = str(path)
 
@@ -425,7 +429,7 @@ def main(argv=None) -> int:
             "blending": f"Gaussian importance weights, sigma = {BLEND_SIGMA:g} of the tile per axis, "
                         f"floored at {BLEND_FLOOR:g} of the centre weight"}
         if args.write_predictions:
-            evaluation["predictions"] = {"directory": str(run_dir / "predictions"), "crops": written,
+            evaluation["predictions"] = {"directory": str(predictions_dir), "crops": written,
                                          "classes": list(write_classes),
                                          "format": "OME-NGFF 0.4 zarr v2, <class>/s0 uint8 = round(255 * probability)"}
         tables.append((f"sliding window (overlap {args.overlap:g}, Gaussian blending)", report, None))
@@ -443,7 +447,7 @@ def main(argv=None) -> int:
         if line:
             print(line)
     if written:
-        print(f"\npredictions: {run_dir / 'predictions'} ({len(written)} crops)")
+        print(f"\npredictions: {predictions_dir} ({len(written)} crops)")
     print(f"\nevaluation: {out_path}")
     return 0
 

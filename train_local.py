@@ -33,7 +33,7 @@ from data import (DataError, EpochSampler, PatchSpec, TrainPatches, ValidationTi
 from evaluate import validate
 from losses import LOSS_CONFIGS, build_loss, describe_loss
 from metrics import format_table
-from models import count_parameters, unet_for_run
+from models import NORMS, count_parameters, unet_for_run
 
 RESULTS_FILE = "results.json"
 
@@ -78,12 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=list(C.PRECISIONS), help="default: the profile's")
     p.add_argument("--base-channels", type=int)
     p.add_argument("--depth", type=int)
-    p.add_argument("--norm", choices=["batch", "instance"])
+    p.add_argument("--norm", choices=list(NORMS), help="normalisation layer of the UNet (default batch)")
     p.add_argument("--patch-yx", type=int, help="y/x patch size (default: the profile's)")
     p.add_argument("--channels-last", choices=["on", "off"], help="2D channels_last memory format")
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite steps in a row")
     p.add_argument("--seed", type=int)
-    p.add_argument("--out-dir", default=str(C.DEFAULT_OUT_DIR), help="parent folder of run folders")
+    p.add_argument("--out-dir", help=f"parent folder of run folders (default {C.DEFAULT_OUT_DIR})")
     p.add_argument("--run-name", help="run folder name (default <model>-<loss>-s<seed>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed epoch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -162,9 +162,10 @@ def build_config(args: argparse.Namespace, device: str, data_root: str) -> C.Run
     return cfg
 
 
-def explicit_overrides(args: argparse.Namespace, cfg: C.RunConfig, loss_options: dict, datasplit: Path) -> list[str]:
-    """Differences between the stored run (config, loss options, datasplit) and the options given explicitly
-    on a resume command."""
+def explicit_overrides(args: argparse.Namespace, run_dir: Path, cfg: C.RunConfig, loss_options: dict,
+                       datasplit: Path) -> list[str]:
+    """Differences between the stored run (folder, config, loss options, datasplit) and the options given
+    explicitly on a resume command."""
     flag_to_field = {"model": "model", "loss": "loss", "mode": "mode", "epochs": "epochs",
                      "iterations": "iterations", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
                      "weight_decay": "weight_decay", "grad_clip": "grad_clip", "precision": "precision",
@@ -190,6 +191,11 @@ def explicit_overrides(args: argparse.Namespace, cfg: C.RunConfig, loss_options:
         diffs.append(f"--loss-option {' '.join(args.loss_option)} but the run has loss options {loss_options}")
     if args.datasplit is not None and Path(args.datasplit).resolve() != datasplit:
         diffs.append(f"--datasplit {args.datasplit!r} but the run has datasplit {str(datasplit)!r}")
+    if args.out_dir is not None and Path(args.out_dir).resolve() != run_dir.resolve().parent:
+        diffs.append(f"--out-dir {args.out_dir!r} but the run folder is in {str(run_dir.resolve().parent)!r} "
+                     f"(a resumed run stays in its folder)")
+    if args.run_name is not None and args.run_name != run_dir.resolve().name:
+        diffs.append(f"--run-name {args.run_name!r} but the run is {run_dir.resolve().name!r}")
     return diffs
 
 
@@ -255,6 +261,42 @@ def oom_advice(cfg: C.RunConfig, device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------
+def training_step(model, raw_model, loss_fn, optimizer, scaler, autocast, x: torch.Tensor, y: torch.Tensor,
+                  grad_clip: float, sync: bool = False, poison: bool = False):
+    """One optimiser step: autocast forward, masked loss, scaled backward, gradient clipping, update.
+
+    A step whose loss or gradient norm is not finite is skipped and leaves no trace: no parameter update,
+    and the BatchNorm statistics its forward pass changed are restored (an overflowing batch would otherwise
+    poison them). With `sync` (DDP) every rank skips when any rank's loss is not finite, or the gradient
+    all-reduce would desynchronise. `poison` makes the loss NaN (fault injection for the tests).
+    `model` may be the DDP wrapper; `raw_model` is the module itself. Returns (loss, per-class loss, stepped).
+    """
+    buffers_before = [b.detach().clone() for b in raw_model.buffers()]  # tiny: norm statistics only
+    with autocast():
+        logits = model(x)
+    loss, per_class = loss_fn(logits, y, return_per_class=True)
+    if poison:
+        loss = loss * float("nan")
+    finite = torch.isfinite(loss.detach()).float()
+    if sync:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    stepped = bool(finite.item())
+    if stepped:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        stepped = bool(torch.isfinite(grad_norm))  # the same on every rank: gradients are all-reduced
+        if stepped:
+            scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if not stepped:
+        with torch.no_grad():
+            for buffer, before in zip(raw_model.buffers(), buffers_before):
+                buffer.copy_(before)
+    return loss, per_class, stepped
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -271,7 +313,7 @@ def main(argv=None) -> int:
         if args.resume:
             run_dir = Path(args.resume)
             stored, cfg, loss_overrides, csv_path = read_run(run_dir)
-            diffs = explicit_overrides(args, cfg, loss_overrides, csv_path)
+            diffs = explicit_overrides(args, run_dir, cfg, loss_overrides, csv_path)
             if diffs:
                 raise ValueError(f"--resume {run_dir}: the run's config differs from this command: "
                                  + "; ".join(diffs))
@@ -302,7 +344,7 @@ def main(argv=None) -> int:
         except ValueError as err:
             raise ValueError(f"loss {cfg.loss!r} with options {loss_overrides}: {err}") from None
         entries = read_datasplit(csv_path)
-        out_dir = Path(args.out_dir)
+        out_dir = Path(args.out_dir or C.DEFAULT_OUT_DIR)
         if run_dir is None and rank == 0:
             check_writable(out_dir)
     except (ValueError, DataError, RunFileError) as err:
@@ -451,27 +493,8 @@ def main(argv=None) -> int:
                     log(batch_sanity_line(x, y, cfg.classes))
                 if fault_step and int(fault_rank) == rank and int(fault_step) == global_step:
                     raise RuntimeError(f"injected failure on rank {rank} at step {global_step}")
-                # The forward pass updates BatchNorm statistics; a skipped step must leave no trace (an
-                # overflowing batch would otherwise poison them), so keep a copy to restore (it is tiny).
-                buffers_before = [b.detach().clone() for b in raw_model.buffers()]
-                with autocast():
-                    logits = model(x)
-                loss, per_class = loss_fn(logits, y, return_per_class=True)
-                if global_step in fault_steps:
-                    loss = loss * float("nan")
-                finite = torch.isfinite(loss.detach()).float()
-                if ddp:  # every rank must agree to skip, or DDP's gradient all-reduce would desynchronise
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                ok = bool(finite.item())
-                if ok:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-                    ok = bool(torch.isfinite(grad_norm))
-                    if ok:
-                        scaler.step(optimizer)
-                    scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                loss, per_class, ok = training_step(model, raw_model, loss_fn, optimizer, scaler, autocast, x, y,
+                                                    cfg.grad_clip, sync=ddp, poison=global_step in fault_steps)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (logged below)
                 scheduler.step()
                 if ok:
@@ -484,9 +507,6 @@ def main(argv=None) -> int:
                     class_loss_sum += torch.where(counted, per_class.float(), 0.0)
                     class_steps += counted
                 else:
-                    with torch.no_grad():
-                        for buffer, before in zip(raw_model.buffers(), buffers_before):
-                            buffer.copy_(before)
                     bad_steps += 1
                     consecutive_bad += 1
                     if consecutive_bad >= cfg.max_consecutive_nonfinite:

@@ -95,7 +95,7 @@ def test_best_checkpoint_reproduces_and_writes_predictions(tiny_run, tiny_root, 
     # uint8 at 128 (= probability 0.5) gives back the sliding window's counts.
     assert any(sliding["per_class"][c]["tp"] > 0 < sliding["per_class"][c]["fp"] + sliding["per_class"][c]["fn"]
                for c in ("nuc", "pm")), "the recount below would be trivial"
-    pred_root = tiny_run / "predictions" / f"{VAL_CROP}.zarr"
+    pred_root = tiny_run / "predictions" / "best" / f"{VAL_CROP}.zarr"
     assert sorted(p.name for p in pred_root.iterdir() if p.is_dir()) == ["nuc", "pm"]
     gt_group = tiny_root / "tiny_iso" / "tiny_iso.zarr" / "recon-1/labels/groundtruth/crop3"
     for cls in ("nuc", "pm"):

@@ -51,8 +51,8 @@ def options_args(tiny_root: Path, datasplit: Path, out_dir: Path) -> list:
     """A non-default value for every named option."""
     return [*TINY_RUN_OPTIONS, "--model", "unet_25d", "--loss", "dice", "--mode", "loss_comparison",
             "--epochs", EPOCHS, "--iterations", ITERATIONS, "--batch-size", BATCH, "--lr", LR, "--seed", SEED,
-            "--classes", "all", "--device", "cpu", "--data-root", tiny_root, "--datasplit", datasplit,
-            "--out-dir", out_dir]
+            "--classes", "all", "--norm", "group", "--device", "cpu", "--data-root", tiny_root,
+            "--datasplit", datasplit, "--out-dir", out_dir]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,7 @@ def test_every_named_option_takes_effect(options_run, tiny_root, cache_dir):
     assert state["optimizer"]["param_groups"][0]["max_lr"] == LR
     convs = [w for w in state["model"].values() if w.dim() == 4]
     assert convs[0].shape[1] == 5 and convs[-1].shape[0] == len(C.ALL_CLASSES)  # 2.5D input, 14 outputs
+    assert cfg["norm"] == "group" and not any(k.endswith("running_mean") for k in state["model"])  # no BatchNorm
 
     # The logged first batch equals one built here from the seed, batch size, model, classes and data: so
     # --batch-size, --seed, --model, --classes and --data-root all reached the sampler.
@@ -166,8 +167,9 @@ def resume_commands(options_run, session_cli_env):
     run's; with the run folder's digest before and after."""
     run_dir = options_run[0]
     before = folder_digest(run_dir)
-    commands = {"plain": ["--resume", run_dir],
-                "different": ["--resume", run_dir, "--lr", 0.01, "--batch-size", 4, "--loss", "per_class_weighted"]}
+    commands = {"plain": ["--resume", run_dir, "--out-dir", run_dir.parent, "--run-name", run_dir.name],
+                "different": ["--resume", run_dir, "--lr", 0.01, "--batch-size", 4, "--loss", "per_class_weighted",
+                              "--out-dir", run_dir.parent / "elsewhere", "--run-name", "other"]}
     with ThreadPoolExecutor(2) as pool:
         done = dict(zip(commands, pool.map(lambda args: run_training(args, session_cli_env), commands.values())))
     return done, before, folder_digest(run_dir)
@@ -185,7 +187,8 @@ def test_resume_with_different_options_is_refused_naming_them(resume_commands):
     assert refused.returncode == 2 and "Traceback" not in refused.stdout + refused.stderr
     (line,) = refused.stderr.strip().splitlines()
     assert line.startswith("error:")
-    for culprit in ("--lr 0.01", f"lr={LR}", "--batch-size 4", f"batch_size={BATCH}", "--loss 'per_class_weighted'"):
+    for culprit in ("--lr 0.01", f"lr={LR}", "--batch-size 4", f"batch_size={BATCH}", "--loss 'per_class_weighted'",
+                    "--out-dir", "elsewhere", "--run-name 'other'"):
         assert culprit in line, (culprit, line)
     assert after == before
 
