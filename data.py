@@ -735,11 +735,19 @@ def to_model_inputs(batch: dict, device: torch.device | str, channels_last: bool
 # ----------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------
-def data_report(entries: Sequence[CropEntry], cache: CropCache) -> list[str]:
-    """Lines saying what was loaded: crops per split, what was dropped and why, unannotated classes."""
+def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequence[int] | None = None) -> list[str]:
+    """Lines saying what was loaded: crops per split, what was dropped and why, unannotated classes, and
+    (given the patch's y/x size) the crops smaller than a patch."""
     lines = [f"data: {len(entries)} crops in the datasplit; cache {cache.directory}"]
     for split in SPLITS:
         crops = cache.split(split)
+        if patch_yx is not None:
+            # Kept, unlike cellmap-data, which drops such crops silently: their patches take the raw context
+            # from around the crop, and their labels beyond its edge are masked out of the loss and metrics.
+            for c in crops:
+                if c.shape[1] < patch_yx[0] or c.shape[2] < patch_yx[1]:
+                    lines.append(f"  {split}: {c.name} is {c.shape[1]}x{c.shape[2]} voxels, smaller than the "
+                                 f"{patch_yx[0]}x{patch_yx[1]} patch: used, with the labels beyond its edge masked")
         listed = sum(e.split == split for e in entries)
         voxels = sum(int(np.prod(c.shape)) for c in crops)
         lines.append(f"  {split}: {len(crops)}/{listed} crops used, {voxels:,} voxels at the training scale")

@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     margin = cache_margin(profile, cfg.patch_shape)
     try:
         cache = wait_for_cache(lambda **kw: prepare_cache(entries, cfg.classes, cfg.scale_nm, margin, **kw), rank)
-        report_lines = data_report(entries, cache)
+        report_lines = data_report(entries, cache, cfg.patch_shape[1:])
         for line in report_lines:
             log(line)
         for split in ("train", "validate"):

@@ -242,8 +242,11 @@ def test_cache_is_reused_and_rebuilt_when_stale(entries, tmp_path):
 def test_small_crop_is_kept_and_report_names_splits(cache, entries):
     small = [c for c in cache.crops if min(c.shape[1:]) < 256]
     assert small, "the crop smaller than a 256x256 patch must be kept (NaN-padded)"
-    text = "\n".join(data_report(entries, cache))
+    text = "\n".join(data_report(entries, cache, (256, 256)))
     assert "train:" in text and "validate:" in text
+    for crop in small:  # named, with its size, as smaller than the patch
+        assert f"{crop.name} is {crop.shape[1]}x{crop.shape[2]} voxels, smaller than the 256x256 patch" in text
+    assert "smaller than" not in "\n".join(data_report(entries, cache, (16, 16)))
 
 
 def test_frequencies_in_unit_interval(cache):
