@@ -249,13 +249,18 @@ def wait_for_cache(prepare, rank: int):
             time.sleep(2)
 
 
-def oom_advice(cfg: C.RunConfig, device: torch.device) -> str:
-    total = torch.cuda.get_device_properties(device).total_memory
-    peak = max(torch.cuda.max_memory_allocated(device), 1)
-    fit = max(1, int(cfg.batch_size * 0.85 * total / peak) if peak > total * 0.5 else cfg.batch_size // 2)
-    fit = min(fit, cfg.batch_size - 1) if cfg.batch_size > 1 else 1
-    return (f"GPU out of memory at --batch-size {cfg.batch_size} ({peak / 2**30:.1f} of "
-            f"{total / 2**30:.1f} GiB); try --batch-size {fit}")
+def oom_advice(batch_size: int, peak_bytes: int, total_bytes: int) -> str:
+    """The failure line of a CUDA out-of-memory error, with a batch size likely to fit: scaled from the
+    peak when the peak was recorded near the limit, else halved (the failed allocation is not in the peak)."""
+    used = f"({peak_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB)"
+    if batch_size == 1:
+        return f"GPU out of memory at --batch-size 1 {used}; lower --patch-yx or --base-channels"
+    if peak_bytes > total_bytes / 2:
+        fit = int(batch_size * 0.85 * total_bytes / peak_bytes)
+    else:
+        fit = batch_size // 2
+    fit = min(max(fit, 1), batch_size - 1)
+    return f"GPU out of memory at --batch-size {batch_size} {used}; try --batch-size {fit}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -574,7 +579,8 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         reason = f"{type(err).__name__}: {err}"
         if device_type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
-            reason = oom_advice(cfg, device)
+            reason = oom_advice(cfg.batch_size, torch.cuda.max_memory_allocated(device),
+                                torch.cuda.get_device_properties(device).total_memory)
         if rank != 0:
             (run_dir / f"failure_rank{rank}.txt").write_text(reason + "\n")
             raise

@@ -3,6 +3,7 @@ the uninterrupted run, every bad input is one `error:` line with exit code 2 tha
 steps are skipped and counted (many in a row stop the run), and a failing DDP rank ends the whole run."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -17,10 +18,14 @@ import pytest
 import torch
 import zarr
 
+import config_shenron as C
 from checkpoint import load_checkpoint, load_json
 from conftest import (TINY_RUN_OPTIONS, epoch_metrics, epochs_recorded, folder_digest, kill_when, run_script,
                       run_training, start_training)
 from data import multiscales_attrs
+from losses import build_loss
+from models import UNet
+from train_local import oom_advice, training_step
 
 BASE = [*TINY_RUN_OPTIONS, "--epochs", 3, "--iterations", 2, "--seed", 3]
 GT = "tiny_iso/tiny_iso.zarr/recon-1/labels/groundtruth"
@@ -307,3 +312,40 @@ def test_an_exception_on_one_ddp_rank_ends_the_run_promptly_and_is_recorded(tiny
     assert results["status"] == "failed" and results["world_size"] == 2
     assert "injected failure on rank 1 at step 3" in results["failure"]
     assert len(results["history"]) == 1 and load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- unit checks
+def test_skipped_training_step_leaves_no_trace():
+    """A non-finite step changes neither the weights, the optimiser state nor the BatchNorm statistics;
+    a finite one changes all three."""
+    torch.manual_seed(0)
+    model = UNet(1, 2, dims=2, base_channels=4, depth=2)
+    loss_fn = build_loss("dice_bce", C.QUICK_CLASSES[:2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    x, y = torch.rand(2, 1, 16, 16), (torch.rand(2, 2, 16, 16) > 0.5).float()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    _, _, stepped = training_step(model, model, loss_fn, optimizer, scaler, contextlib.nullcontext, x, y, 1.0,
+                                  poison=True)
+    assert not stepped and not optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+    loss, per_class, stepped = training_step(model, model, loss_fn, optimizer, scaler, contextlib.nullcontext, x, y,
+                                             1.0)
+    assert stepped and torch.isfinite(loss) and per_class.shape == (2,) and optimizer.state
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert any(k.endswith("running_mean") for k in changed) and any(k.endswith("weight") for k in changed)
+
+
+@pytest.mark.parametrize("batch, peak_gib, advice", [
+    (12, 10.5, "try --batch-size 10"),  # peak recorded near the 11 GiB limit: scale, with 15% headroom
+    (12, 2.0, "try --batch-size 6"),    # peak far below it (the failed allocation is not counted): halve
+    (2, 10.9, "try --batch-size 1"),
+    (1, 10.9, "lower --patch-yx or --base-channels"),
+])
+def test_out_of_memory_advice_names_a_smaller_batch(batch, peak_gib, advice):
+    line = oom_advice(batch, int(peak_gib * 2**30), 11 * 2**30)
+    assert line.startswith(f"GPU out of memory at --batch-size {batch} ({peak_gib:.1f} of 11.0 GiB)")
+    assert line.endswith(advice)
