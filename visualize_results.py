@@ -273,9 +273,12 @@ def improvement(a: Stat, b: Stat) -> str:
     if a.mean == 0:
         return "n/a (base 0)"
     text = f"{(b.mean - a.mean) / a.mean * 100:+.1f}"
-    if a.std is not None and b.std is not None and abs(b.mean - a.mean) < a.std + b.std:
-        text += " (within noise)"
-    return text
+    return text + (" (within noise)" if within_noise(a, b) else "")
+
+
+def within_noise(a: Stat, b: Stat) -> bool:
+    """|difference of the means| < the sum of the two seed standard deviations (needs >= 2 seeds each)."""
+    return a.std is not None and b.std is not None and abs(b.mean - a.mean) < a.std + b.std
 
 
 def render(header: list[str], rows: list[list[str]], markdown: bool, key_rows: set[int] = frozenset()) -> str:
@@ -384,12 +387,22 @@ def precision_recall_section(arms: list[Arm], classes: list[str], spread: bool =
 def ranking_section(arms: list[Arm]):
     ranked = sorted(arms, key=lambda a: a.mean_dice().mean, reverse=True)
     header = ["rank", "arm", "mean Dice (best)", "best epoch", "final-epoch mean Dice", "best - final",
-              f"{C.KEY_CLASS} Dice", "n"]
+              f"{C.KEY_CLASS} Dice", "n", "vs rank 1"]
+    top = ranked[0].mean_dice()
+
+    def versus_top(i: int, arm: Arm) -> str:
+        if i == 0:
+            return "-"
+        stat = arm.mean_dice()
+        return f"{stat.mean - top.mean:+.3f}" + (" (within noise)" if within_noise(top, stat) else "")
+
     rows = [[str(i + 1), a.label, fmt_stat(a.mean_dice()), ", ".join(str(r.best_epoch) for r in a.runs),
              fmt_stat(a.final_mean_dice()), fmt_stat(a.best_minus_final()), class_cell(a, C.KEY_CLASS, "dice"),
-             str(len(a.runs))] for i, a in enumerate(ranked)]
+             str(len(a.runs)), versus_top(i, a)] for i, a in enumerate(ranked)]
     notes = ["ranked by mean Dice at the best epoch; best epoch per seed; final-epoch mean Dice is the last "
-             "epoch's, and best - final shows how much choosing the epoch on validation adds."]
+             "epoch's, and best - final shows how much choosing the epoch on validation adds.",
+             "vs rank 1: difference in mean Dice from the first arm; (within noise): smaller than the sum of the "
+             "two arms' seed standard deviations, so the order of the two is not established (needs --seeds >= 2)."]
     return ("Ranking by mean Dice", header, rows, set(), notes)
 
 

@@ -171,6 +171,17 @@ def test_ranking_order(tmp_path, capsys):
     first = table_row(ranking, "1")
     assert first[2] == "0.650" and first[3] == "2" and first[4] == f"{0.65 - 0.05:.3f}" and first[5] == "0.050"
     assert "Ranking by mean Dice" in capsys.readouterr().out
+    assert first[8] == "-" and table_row(ranking, "2")[8] == f"{0.55 - 0.65:+.3f}"  # one seed: no noise verdict
+
+
+def test_ranking_flags_differences_within_seed_noise(tmp_path):
+    seeds = {"combo": (0.60, 0.64), "dice": (0.58, 0.60), "focal": (0.30, 0.32)}  # combo sd 0.028, dice sd 0.014
+    for loss, values in seeds.items():
+        for seed, value in enumerate(values):
+            write_run(tmp_path, fake_results("unet_2d", loss, seed, {"nuc": (value, 0.5, 0.5)}))
+    assert V.main([str(tmp_path), "--out", str(tmp_path / "report"), "--ranking", "--no-panel"]) == 0
+    ranking = (tmp_path / "report" / "comparison.md").read_text().split("## Ranking by mean Dice")[1].split("##")[0]
+    assert [table_row(ranking, str(k))[8] for k in (1, 2, 3)] == ["-", "-0.030 (within noise)", "-0.310"]
 
 
 def test_nothing_usable_exits_2(tmp_path, capsys):
