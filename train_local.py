@@ -191,11 +191,12 @@ def explicit_overrides(args: argparse.Namespace, run_dir: Path, cfg: C.RunConfig
         diffs.append(f"--loss-option {' '.join(args.loss_option)} but the run has loss options {loss_options}")
     if args.datasplit is not None and Path(args.datasplit).resolve() != datasplit:
         diffs.append(f"--datasplit {args.datasplit!r} but the run has datasplit {str(datasplit)!r}")
-    if args.out_dir is not None and Path(args.out_dir).resolve() != run_dir.resolve().parent:
-        diffs.append(f"--out-dir {args.out_dir!r} but the run folder is in {str(run_dir.resolve().parent)!r} "
+    run_dir = run_dir.resolve()
+    if args.out_dir is not None and Path(args.out_dir).resolve() != run_dir.parent:
+        diffs.append(f"--out-dir {args.out_dir!r} but the run folder is in {str(run_dir.parent)!r} "
                      f"(a resumed run stays in its folder)")
-    if args.run_name is not None and args.run_name != run_dir.resolve().name:
-        diffs.append(f"--run-name {args.run_name!r} but the run is {run_dir.resolve().name!r}")
+    if args.run_name is not None and args.run_name != run_dir.name:
+        diffs.append(f"--run-name {args.run_name!r} but the run is {run_dir.name!r}")
     return diffs
 
 
@@ -263,9 +264,6 @@ def oom_advice(batch_size: int, peak_bytes: int, total_bytes: int) -> str:
     return f"GPU out of memory at --batch-size {batch_size} {used}; try --batch-size {fit}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------
 def training_step(model, raw_model, loss_fn, optimizer, scaler, autocast, x: torch.Tensor, y: torch.Tensor,
                   grad_clip: float, sync: bool = False, poison: bool = False):
     """One optimiser step: autocast forward, masked loss, scaled backward, gradient clipping, update.
@@ -302,6 +300,10 @@ def training_step(model, raw_model, loss_fn, optimizer, scaler, autocast, x: tor
     return loss, per_class, stepped
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
