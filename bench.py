@@ -26,15 +26,20 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 import config_shenron as C
 import losses
-from data import (DataError, EpochSampler, PatchSpec, TrainPatches, cache_margin, datasplit_for, make_loader,
-                  prepare_cache, read_datasplit, resolve_data_root, to_model_inputs)
+from cache import cache_margin, prepare_cache
+from datasplit import datasplit_for, read_datasplit, resolve_data_root
+from engine import training_step
+from errors import DataError
+from loaders import train_loader
+from models import unet_for_run
+from runtime import autocast_for
+from sampling import PatchSpec, to_model_inputs
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -219,33 +224,13 @@ def data_setup(data_root: str | None):
     return root, csv_path, read_datasplit(csv_path)
 
 
-def patch_spec(model: str, patch_yx: int | None, profile) -> PatchSpec:
-    """The model config's patch under `profile`, with the y/x size overridden as `--patch-yx` does."""
-    model_cfg = C.lookup(C.MODELS, model, "model")
-    z, y, x = model_cfg.patch_shape(profile)
-    if patch_yx is not None:
-        y = x = patch_yx
-    return PatchSpec((z, y, x), model_cfg.dims)
+def run_cache(entries, cfg):
+    """The crop cache a training run with this config would use (prepared on first use, then reopened)."""
+    return prepare_cache(entries, cfg.classes, cfg.scale_nm, cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape))
 
 
-def toolkit_cache(entries, classes, spec: PatchSpec, profile):
-    """The crop cache a training run with this patch would use (prepared on first use, then reopened)."""
-    return prepare_cache(entries, classes, C.TRAIN_SCALE_NM, cache_margin(profile, spec.raw_shape))
-
-
-def build_train_loader(backend: str, csv_path: Path, entries, classes, spec: PatchSpec, profile, batch_size: int,
-                       workers: int, samples_per_epoch: int, pin_memory: bool = False):
-    """(loader, object with set_epoch) as train_local.py builds them for `backend`."""
-    if backend == "toolkit":
-        cache = toolkit_cache(entries, classes, spec, profile)
-        sampler = EpochSampler(samples_per_epoch)
-        loader = make_loader(TrainPatches(cache, spec, seed=0), batch_size, workers, sampler, pin_memory=pin_memory)
-        return loader, sampler
-    from cellmap_backend import CellMapTrainLoader
-
-    loader = CellMapTrainLoader(csv_path, classes, spec, C.TRAIN_SCALE_NM, batch_size, workers, seed=0,
-                                samples_per_epoch=samples_per_epoch)
-    return loader, loader
+def run_spec(cfg) -> PatchSpec:
+    return PatchSpec(cfg.patch_shape, C.MODELS[cfg.model].dims)
 
 
 def _time_loader(loader, sampler, epoch: int, batches: int) -> float:
@@ -279,17 +264,18 @@ def bench_loader(args: argparse.Namespace) -> int:
     worker_counts = list(dict.fromkeys(parse_list(args.workers, "--workers", int)))
     if any(w < 0 for w in worker_counts) or min(args.batches, args.batch_size, args.repeats) < 1:
         raise ValueError("--workers must be >= 0 and --batches, --batch-size, --repeats >= 1")
-    classes = C.CLASS_SETS[args.classes]
     root, csv_path, entries = data_setup(args.data_root)
-    profile = C.choose_profile("auto", "cuda" if torch.cuda.is_available() else "cpu")  # as training here would
-    spec = patch_spec(args.model, args.patch_yx, profile)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"  # the profile training here would use
     configs = [(b, w) for w in worker_counts for b in backends]
     loaders, peaks, rates = {}, {}, {c: [] for c in configs}
     for config in configs:
         backend, workers = config
+        cfg = C.config_from_options(device_type, root, model=args.model, classes=args.classes, patch_yx=args.patch_yx,
+                         batch_size=args.batch_size, workers=workers, data_backend=backend, epochs=1,
+                         iterations=args.batches + 1)
+        spec = run_spec(cfg)
         before = child_pids()
-        loaders[config] = build_train_loader(backend, csv_path, entries, classes, spec, profile, args.batch_size,
-                                             workers, (args.batches + 1) * args.batch_size)
+        loaders[config] = train_loader(cfg, run_cache(entries, cfg), spec, csv_path)
         loader, sampler = loaders[config]
         sampler.set_epoch(0)
         next(iter(loader))  # warm-up: starts the (persistent) workers, opens files
@@ -303,7 +289,7 @@ def bench_loader(args: argparse.Namespace) -> int:
             bar.update()
     bar.close()
 
-    print(f"loader: {args.model} patch {spec.raw_shape}, {len(classes)} classes ({args.classes}), batch "
+    print(f"loader: {args.model} patch {spec.raw_shape}, {len(cfg.classes)} classes ({args.classes}), batch "
           f"{args.batch_size}, {args.batches} batches x {args.repeats} interleaved repeats after a warm-up batch; "
           f"data {root}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     print(f"{'backend':13s} {'workers':>7s} {'samples/s':>10s} {'min':>8s} {'max':>8s} {'main RSS MB':>12s} "
@@ -372,81 +358,65 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def bench_train(args: argparse.Namespace) -> int:
     """Training images/s with data excluded and included, and peak memory, for each model config."""
-    from models import UNet
-    from train_local import DEFAULTS, autocast_for, training_step
-
     _set_threads(args.threads)
     device = _resolve_device(args.device)
     models = parse_list(args.model, "--model", choices=tuple(C.MODELS))
-    profile = C.choose_profile("auto", device.type)
-    batch_sizes = (parse_list(args.batch_size, "--batch-size", int) if args.batch_size
-                   else [profile.batch_size[m] for m in models])
+    batch_sizes = parse_list(args.batch_size, "--batch-size", int) if args.batch_size else [None]
     if len(batch_sizes) == 1:
         batch_sizes *= len(models)
-    if len(batch_sizes) != len(models) or min(batch_sizes) < 1 or min(args.steps, args.repeats) < 1:
+    if len(batch_sizes) != len(models) or min(b or 1 for b in batch_sizes) < 1 or min(args.steps, args.repeats) < 1:
         raise ValueError(f"--batch-size {args.batch_size!r}: give one value >= 1 or one per model "
                          f"({len(models)}); --steps and --repeats must be >= 1")
     if args.precision in ("fp16", "bf16") and device.type == "cpu":
         raise ValueError(f"--precision {args.precision} needs a CUDA device; use fp32 on CPU")
-    precision = args.precision or (profile.precision if device.type == "cuda" else "fp32")
-    channels_last = (args.channels_last or ("on" if device.type == "cuda" else "off")) == "on"
-    base_channels = args.base_channels or profile.base_channels
-    depth = args.depth or profile.depth
-    workers = profile.workers_per_gpu if args.workers is None else args.workers
-    classes = C.CLASS_SETS[args.classes]
-    autocast = autocast_for(precision, device)
     warmup = 3 if args.compile else 1
-
     root, csv_path, entries = data_setup(args.data_root)
     rows = []
     for model_name, batch_size in zip(models, batch_sizes):
-        spec = patch_spec(model_name, args.patch_yx, profile)
-        multiple = 2 ** (depth - 1)
-        if spec.raw_shape[1] % multiple or (spec.dims == 3 and spec.raw_shape[0] % multiple):
-            raise ValueError(f"patch {spec.raw_shape} must be a multiple of {multiple} for a UNet of depth {depth} "
-                             f"(change --patch-yx or --depth)")
-        steps_per_epoch = warmup + args.steps
-        loader, sampler = build_train_loader("toolkit", csv_path, entries, classes, spec, profile, batch_size, workers,
-                                             steps_per_epoch * batch_size, pin_memory=device.type == "cuda")
-        model_cfg = C.MODELS[model_name]
-        model = UNet(model_cfg.in_channels, len(classes), dims=model_cfg.dims, base_channels=base_channels,
-                     depth=depth).to(device)
-        if channels_last and model_cfg.dims == 2:
+        cfg = C.config_from_options(device.type, root, model=model_name, batch_size=batch_size, precision=args.precision,
+                         patch_yx=args.patch_yx, channels_last=args.channels_last, classes=args.classes,
+                         loss=args.loss, base_channels=args.base_channels, depth=args.depth, workers=args.workers,
+                         epochs=3, iterations=warmup + args.steps)
+        cache = run_cache(entries, cfg)
+        loader, sampler = train_loader(cfg, cache, run_spec(cfg), csv_path, pin_memory=device.type == "cuda")
+        model = unet_for_run(cfg).to(device)
+        if cfg.channels_last and C.MODELS[cfg.model].dims == 2:
             model = model.to(memory_format=torch.channels_last)
         step_model = torch.compile(model) if args.compile else model
-        frequencies = toolkit_cache(entries, classes, spec, profile).class_frequencies("train")
-        loss_fn = losses.build_loss(args.loss, classes, class_frequencies=frequencies).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=DEFAULTS["lr"], weight_decay=DEFAULTS["weight_decay"])
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
+        loss_fn = losses.build_loss(cfg.loss, cfg.classes, class_frequencies=cache.class_frequencies("train")).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
+        autocast = autocast_for(cfg.precision, device)
         step = lambda x, y: training_step(step_model, model, loss_fn, optimizer, scaler, autocast, x, y,
-                                          DEFAULTS["grad_clip"])  # train_local.py's step
+                                          cfg.grad_clip)  # train_local.py's step
+        inputs = lambda batch: to_model_inputs(batch, device, cfg.channels_last)
 
         _reset_peak_memory(device)
         sampler.set_epoch(0)
-        x_fixed, y_fixed = to_model_inputs(next(iter(loader)), device, channels_last)
+        x_fixed, y_fixed = inputs(next(iter(loader)))
         for _ in range(warmup):
             step(x_fixed, y_fixed)
         without_data, with_data = [], []
         for repeat in range(args.repeats):
-            without_data.append(args.steps * batch_size / _time_once(
+            without_data.append(args.steps * cfg.batch_size / _time_once(
                 lambda: [step(x_fixed, y_fixed) for _ in range(args.steps)], device))
             sampler.set_epoch(repeat + 1)
             batches = iter(loader)
             for _ in range(warmup):  # the loader's first batches: worker start-up
-                step(*to_model_inputs(next(batches), device, channels_last))
-            with_data.append(args.steps * batch_size / _time_once(
-                lambda: [step(*to_model_inputs(next(batches), device, channels_last)) for _ in range(args.steps)],
-                device))
-        rows.append((model_name, batch_size, spec.raw_shape, statistics.median(without_data),
+                step(*inputs(next(batches)))
+            with_data.append(args.steps * cfg.batch_size / _time_once(
+                lambda: [step(*inputs(next(batches))) for _ in range(args.steps)], device))
+        rows.append((model_name, cfg.batch_size, tuple(cfg.patch_shape), statistics.median(without_data),
                      statistics.median(with_data), _peak_memory_mb(device)))
         del loader, model, step_model, optimizer
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     memory_kind = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
     print(f"train: device {device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"{precision}, channels_last {'on' if channels_last else 'off'}, compile {'on' if args.compile else 'off'}; "
-          f"{len(classes)} classes ({args.classes}), loss {args.loss}, UNet base {base_channels} depth {depth}; "
-          f"{args.steps} steps x {args.repeats} repeats, toolkit loader with {workers} workers; data {root}")
+          f"{cfg.precision}, channels_last {'on' if cfg.channels_last else 'off'}, "
+          f"compile {'on' if args.compile else 'off'}; {len(cfg.classes)} classes ({args.classes}), loss {cfg.loss}, "
+          f"UNet base {cfg.base_channels} depth {cfg.depth}; {args.steps} steps x {args.repeats} repeats, toolkit "
+          f"loader with {cfg.workers} workers; data {root}")
     print(f"{'model':9s} {'batch':>5s} {'patch':>16s} {'img/s no data':>14s} {'img/s with data':>16s} "
           f"{'data cost':>10s} {memory_kind:>12s}")
     for name, batch_size, patch, without, with_, memory in rows:

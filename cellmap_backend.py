@@ -1,13 +1,13 @@
 """The reference training data path through the `cellmap-data` package (`--data-backend cellmap-data`).
 
-It exists to check the toolkit's cached path (data.py) against the reader the CellMap challenge ships and
+It exists to check the toolkit's cached path (cache.py, sampling.py) against the reader the CellMap challenge ships and
 to measure the speed difference (`bench.py loader`). `CellMapTrainLoader` yields batches in the toolkit's
-compact format ({"raw": uint8, "labels": uint8 with UNANNOTATED}), so `data.to_model_inputs` and the
+compact format ({"raw": uint8, "labels": uint8 with UNANNOTATED}), so `sampling.to_model_inputs` and the
 training loop are shared with the toolkit path; validation always uses the toolkit's tiles.
 
 Traps of cellmap-data 2026.3.20 (facts page, section 4) and what this module does about them:
 - Its `transpose` and `rotate` spatial transforms are wrong for 2D/2.5D patches: no cellmap-data spatial
-  transform is used; `data.augment` (the toolkit's dihedral flips/transposes and z mirror) is applied to
+  transform is used; `sampling.augment` (the toolkit's dihedral flips/transposes and z mirror) is applied to
   each sample after reading. Brightness/contrast augmentations are not part of either path.
 - Raw arrives as float 0..255 (its default `ToDtype(scale=True)` is a no-op on floats) with NaN as padding:
   value transforms are switched off and the raw is converted back to uint8 (padding -> 0, as in the
@@ -31,7 +31,6 @@ out-of-bounds read"), and balances classes by the crops that annotate them, not 
 """
 from __future__ import annotations
 
-import bisect
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -41,7 +40,10 @@ import torch
 from cellmap_data import CellMapDataLoader, CellMapDataset, CellMapMultiDataset, ClassBalancedSampler
 from cellmap_data.utils.geometry import box_intersection
 
-from data import UNANNOTATED, DataError, PatchSpec, augment, read_datasplit
+from cache import UNANNOTATED
+from datasplit import read_datasplit
+from errors import DataError
+from sampling import PatchSpec, augment
 
 
 class LabelBoundedDataset(CellMapDataset):
@@ -73,19 +75,10 @@ class RankedBalancedSampler(ClassBalancedSampler):
         self.rng = np.random.default_rng([self.seed, self.rank, epoch])
 
 
-class CropTaggedDataset(CellMapMultiDataset):
-    """The concatenated crops; each sample also says which crop it came from (cellmap-data's own "idx" is
-    the index inside that crop's dataset)."""
-
-    def __getitem__(self, idx: int) -> dict:
-        sample = super().__getitem__(idx)
-        sample["crop"] = torch.tensor(bisect.bisect_right(self.cumulative_sizes, idx))
-        return sample
-
-
 class CellMapTrainLoader:
     """Training batches read by cellmap-data: `set_epoch(epoch)`, then `iter(loader)` yields
-    `samples_per_epoch / batch_size` compact batches (plus "crop": the index into `crop_names`)."""
+    `samples_per_epoch / batch_size` compact batches; `crop_names` lists the crops used, in the order of
+    `dataset.datasets`."""
 
     def __init__(self, csv_path: str | Path, classes: Sequence[str], spec: PatchSpec,
                  scale_nm: Sequence[float], batch_size: int, workers: int, seed: int = 0, rank: int = 0,
@@ -116,7 +109,7 @@ class CellMapTrainLoader:
                   + "".join(f"; dropped {name}: {reason}" for name, reason in self.dropped), flush=True)
         if not datasets:
             raise DataError(f"{csv_path}: cellmap-data can use none of the training crops (see above)")
-        self.dataset = CropTaggedDataset(datasets, list(classes), input_arrays, target_arrays)
+        self.dataset = CellMapMultiDataset(datasets, list(classes), input_arrays, target_arrays)
         self.sampler = RankedBalancedSampler(self.dataset, samples_per_epoch, seed, rank)
         self.loader = CellMapDataLoader(self.dataset, classes=list(classes), batch_size=batch_size,
                                         num_workers=workers, sampler=self.sampler, is_train=True,
@@ -146,10 +139,10 @@ class CellMapTrainLoader:
         labels[torch.isnan(target)] = UNANNOTATED
         if self.augment:
             raw, labels = self._augment(raw.numpy(), labels.numpy(), rng)
-        return {"raw": raw, "labels": labels, "crop": batch["crop"]}
+        return {"raw": raw, "labels": labels}
 
     def _augment(self, raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
-        """The toolkit's `data.augment` on each sample: it takes raw [Z,H,W] and labels [C,Z,H,W]."""
+        """The toolkit's `sampling.augment` on each sample: it takes raw [Z,H,W] and labels [C,Z,H,W]."""
         raws, labs = [], []
         for r, lab in zip(raw, labels):
             if self.spec.dims == 2:

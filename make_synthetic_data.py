@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from data import multiscales_attrs
+from ngff import multiscales_attrs
 
 SYNTHETIC_FORMAT_VERSION = "1"
 CLASSES = ("ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "golgi_mem", "golgi_lum", "ves_mem", "ves_lum",

@@ -2,8 +2,8 @@
 
 `UNet` is the classic encoder-decoder: per level two 3x3(x3) convolutions, each followed by a norm and
 LeakyReLU; max-pooling down; transposed convolutions up; skip connections concatenated; a 1x1 convolution
-to one logit per class (no activation: the losses and metrics apply the sigmoid). `count_parameters` and
-`estimate_memory` size a model before training it.
+to one logit per class (no activation: the losses and metrics apply the sigmoid). `unet_for_run` builds the
+UNet a run config describes (every caller builds a run's model through it); `count_parameters` sizes it.
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 import config_shenron as C
+from config_shenron import NORMS
 
-NORMS = ("batch", "instance", "group")
-PRECISIONS = {"fp16": 2, "bf16": 2, "fp32": 4}
 LEAKY_SLOPE = 0.01
 MAX_GROUPS = 8
 
@@ -115,52 +114,6 @@ class UNet(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameter elements."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _activation_elements(model: nn.Module, input_shape) -> int:
-    """Elements of every distinct tensor entering or leaving a leaf module in one training-mode forward pass
-    (what autograd keeps for backward, including the skip concatenations fed to the decoder convolutions).
-    Runs on the meta device: shapes only, no memory, no compute."""
-    seen: dict[int, torch.Tensor] = {}  # by identity, so an in-place activation's output counts once
-
-    def record(module, inputs, output):
-        for tensor in (*inputs, output):
-            if isinstance(tensor, torch.Tensor):
-                seen[id(tensor)] = tensor
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(record) for m in leaves]
-    meta_state = {name: torch.empty_like(t, device="meta")
-                  for name, t in (*model.named_parameters(), *model.named_buffers())}
-    was_training = model.training
-    try:
-        model.train()
-        torch.func.functional_call(model, meta_state, (torch.empty(tuple(input_shape), device="meta"),))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return sum(t.numel() for t in seen.values())
-
-
-def estimate_memory(model: nn.Module, input_shape, precision: str = "fp16") -> dict:
-    """Estimated training memory in bytes for one step at `input_shape` (B, C, *spatial) with AdamW.
-
-    fp32 weights (4 B/param), fp32 gradients (4 B/param), AdamW's two fp32 moments (8 B/param), and
-    activations = elements of every layer output kept for the backward pass x bytes per element of
-    `precision` (autocast keeps most of them in half precision). An estimate: real use adds cuDNN workspace,
-    the allocator's fragmentation and caching, the CUDA context and the loss's own buffers.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}")
-    params = count_parameters(model)
-    param_bytes = 4 * params
-    gradient_bytes = 4 * params
-    optimizer_bytes = 8 * params
-    activation_bytes = PRECISIONS[precision] * _activation_elements(model, input_shape)
-    return {"params": params, "param_bytes": param_bytes, "gradient_bytes": gradient_bytes,
-            "optimizer_bytes": optimizer_bytes, "activation_bytes": activation_bytes,
-            "total_bytes": param_bytes + gradient_bytes + optimizer_bytes + activation_bytes}
 
 
 def unet_for_run(cfg: C.RunConfig) -> UNet:

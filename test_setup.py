@@ -83,7 +83,7 @@ def check_nccl(n_gpus: int) -> tuple[str, str]:
 
 
 def check_data(cli_root: str | None) -> tuple[str, str, object]:
-    from data import datasplit_for, read_datasplit, resolve_data_root
+    from datasplit import datasplit_for, read_datasplit, resolve_data_root
 
     root, notice = resolve_data_root(cli_root)
     csv_path = datasplit_for(root)
@@ -111,16 +111,16 @@ def check_models(profile) -> tuple[str, str]:
     import torch
 
     import config_shenron as C
-    from models import UNet, count_parameters
+    from models import count_parameters, unet_for_run
 
     out = []
     for m in C.MODELS.values():
-        z, y, x = m.patch_shape(profile)
-        yx = min(y, 64)  # a small forward proves the wiring; memory is measured separately on GPU
-        zz = min(z, 16) if m.dims == 3 else z
-        net = UNet(m.in_channels, len(C.ALL_CLASSES), dims=m.dims, base_channels=profile.base_channels,
-                   depth=min(profile.depth, 4))
-        shape = (1, m.in_channels, yx, yx) if m.dims == 2 else (1, 1, zz, yx, yx)
+        # A small forward proves the wiring (memory is measured separately on GPU): 64x64, depth <= 4.
+        cfg = C.config_from_options("cpu", "-", model=m.name, profile=profile.name, classes="all", patch_yx=64,
+                                    depth=min(profile.depth, 4))
+        net = unet_for_run(cfg)
+        z, y, x = cfg.patch_shape
+        shape = (1, m.in_channels, y, x) if m.dims == 2 else (1, 1, min(z, 16), y, x)
         with torch.no_grad():
             y_out = net(torch.rand(shape))
         if y_out.shape[1] != len(C.ALL_CLASSES) or not torch.isfinite(y_out).all():
@@ -163,7 +163,8 @@ def check_disk(out_dir: Path) -> tuple[str, str]:
 
 def check_loader(root_entries, profile) -> tuple[str, str]:
     import config_shenron as C
-    from data import EpochSampler, PatchSpec, TrainPatches, cache_margin, make_loader, prepare_cache
+    from cache import cache_margin, prepare_cache
+    from sampling import EpochSampler, PatchSpec, TrainPatches, make_loader
 
     root, entries = root_entries
     margin = cache_margin(profile)
@@ -190,21 +191,19 @@ def check_gpu_step(profile) -> tuple[str, str]:
 
     import config_shenron as C
     from losses import build_loss
-    from models import UNet
+    from models import unet_for_run
 
     out = []
     for name in ("unet_2d", "unet_25d"):
-        m = C.MODELS[name]
-        b = profile.batch_size[name]
-        z, y, x = m.patch_shape(profile)
-        net = UNet(m.in_channels, len(C.ALL_CLASSES), dims=2, base_channels=profile.base_channels,
-                   depth=profile.depth).cuda()
+        cfg = C.config_from_options("cuda", "-", model=name, profile=profile.name, classes="all")
+        b, (_, y, x) = cfg.batch_size, cfg.patch_shape
+        net = unet_for_run(cfg).cuda()
         opt = torch.optim.AdamW(net.parameters())
         dtype = torch.bfloat16 if profile.precision == "bf16" and torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         loss_fn = build_loss("per_class_weighted", C.ALL_CLASSES)
         torch.cuda.reset_peak_memory_stats()
-        xb = torch.rand(b, m.in_channels, y, x, device="cuda")
+        xb = torch.rand(b, C.MODELS[name].in_channels, y, x, device="cuda")
         yb = (torch.rand(b, len(C.ALL_CLASSES), y, x, device="cuda") > 0.8).float()
         with torch.autocast("cuda", dtype=dtype):
             loss = loss_fn(net(xb), yb)

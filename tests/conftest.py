@@ -32,17 +32,24 @@ def run_script(args, env: dict, timeout: float = 300) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-def run_training(args, env: dict, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def training_command(args, faults=()) -> list[str]:
+    """`train_local.py ARGS...`, or with `faults` (tests/faults.py options) that script run under the fault
+    injector."""
+    script = ["train_local.py", *map(str, args)]
+    return ["tests/faults.py", *map(str, faults), "--", *script] if faults else script
+
+
+def run_training(args, env: dict, processes: int = 1, timeout: float = 300, faults=()) -> subprocess.CompletedProcess:
     """`python train_local.py ARGS...`, or with `processes` > 1 under `torchrun --standalone` (gloo on CPU)."""
     launcher = [sys.executable] if processes == 1 else \
         [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={processes}"]
-    return subprocess.run([*launcher, "train_local.py", *map(str, args)], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([*launcher, *training_command(args, faults)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def start_training(args, env: dict) -> subprocess.Popen:
+def start_training(args, env: dict, faults=()) -> subprocess.Popen:
     """`python train_local.py ARGS...` in the background, output discarded."""
-    return subprocess.Popen([sys.executable, "train_local.py", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, *training_command(args, faults)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -65,7 +72,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
 
 def epochs_recorded(run_dir: Path) -> int:
     """Epochs in a run folder's results.json; -1 before it exists."""
-    from checkpoint import load_json
+    from runfiles import load_json
 
     results = run_dir / "results.json"
     return len(load_json(results)["history"]) if results.is_file() else -1
@@ -99,14 +106,14 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def entries(synthetic_root):
-    from data import read_datasplit
+    from datasplit import read_datasplit
 
     return read_datasplit(synthetic_root / "datasplit.csv")
 
 
 @pytest.fixture(scope="session")
 def cache(entries, cache_dir):
-    from data import prepare_cache
+    from cache import prepare_cache
 
     return prepare_cache(entries, C.ALL_CLASSES, C.TRAIN_SCALE_NM, TEST_MARGIN, cache_root=cache_dir, progress=False)
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import bench
-from data import prepare_cache
+from cache import prepare_cache
 
 NUMBER = r"-?\d+(?:\.\d+)?%?"
 

@@ -3,6 +3,7 @@ UNANNOTATED/NaN, input scaling, 2.5D context centred on the labelled slice, per-
 reported crop drops), checked against the zarr arrays read directly; and a training run on this backend."""
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 from pathlib import Path
@@ -12,19 +13,44 @@ import pytest
 import torch
 import zarr
 
+import cellmap_backend
 import config_shenron as C
 from cellmap_backend import CellMapTrainLoader
 from conftest import TEST_PATCH_YX, TINY_RUN_OPTIONS
-from data import (UNANNOTATED, EpochSampler, PatchSpec, TrainPatches, cache_margin, make_loader, prepare_cache,
-                  read_levels, to_model_inputs)
+from cache import UNANNOTATED, cache_margin, prepare_cache
+from ngff import read_levels
+from runfiles import load_json
+from sampling import EpochSampler, PatchSpec, TrainPatches, make_loader, to_model_inputs
 
 P = TEST_PATCH_YX
 SPECS = {"unet_2d": PatchSpec((1, P, P), 2), "unet_25d": PatchSpec((5, P, P), 2), "unet_3d": PatchSpec((16, P, P), 3)}
 
 
+class CropTaggedDataset(cellmap_backend.CellMapMultiDataset):
+    """The concatenated crops; each sample also says which crop it came from (cellmap-data's own "idx" is the
+    index inside that crop's dataset)."""
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = super().__getitem__(idx)
+        sample["crop"] = torch.tensor(bisect.bisect_right(self.cumulative_sizes, idx))
+        return sample
+
+
+class CropTaggedLoader(CellMapTrainLoader):
+    """The backend with "crop" (the index into `crop_names`) in every batch, to check samples against zarr."""
+
+    def to_compact(self, batch: dict, rng) -> dict:
+        return {**super().to_compact(batch, rng), "crop": batch["crop"]}
+
+
+@pytest.fixture(autouse=True)
+def crop_tags(monkeypatch):
+    monkeypatch.setattr(cellmap_backend, "CellMapMultiDataset", CropTaggedDataset)
+
+
 def backend(root: Path, spec: PatchSpec, classes=C.QUICK_CLASSES, batch_size=4, samples=8, **kw) -> CellMapTrainLoader:
-    return CellMapTrainLoader(root / "datasplit.csv", classes, spec, C.TRAIN_SCALE_NM, batch_size, 0,
-                              samples_per_epoch=samples, **kw)
+    return CropTaggedLoader(root / "datasplit.csv", classes, spec, C.TRAIN_SCALE_NM, batch_size, 0,
+                            samples_per_epoch=samples, **kw)
 
 
 def epoch_batches(loader: CellMapTrainLoader, epoch: int = 0) -> list[dict]:
@@ -163,6 +189,6 @@ def test_training_run_on_the_cellmap_data_backend(tiny_root, cache_dir, tmp_path
     code = train_local.main([*TINY_RUN_OPTIONS, "--data-root", str(tiny_root), "--out-dir", str(tmp_path), "--run-name",
                              "cm", "--epochs", "1", "--iterations", "4", "--data-backend", "cellmap-data"])
     assert code == 0
-    results = train_local.load_json(tmp_path / "cm" / "results.json")
+    results = load_json(tmp_path / "cm" / "results.json")
     assert results["status"] == "completed" and results["config"]["data_backend"] == "cellmap-data"
     assert len(results["history"]) == 1 and results["best"]["mean_dice"] is not None

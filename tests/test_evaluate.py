@@ -14,10 +14,13 @@ import zarr
 
 import config_shenron as C
 import evaluate
+import inference
+from engine import validate
 from conftest import TINY_RUN_OPTIONS, run_script
-from checkpoint import RunFileError
-from data import (UNANNOTATED, CachedCrop, CropCache, PatchSpec, ValidationTiles, cache_margin, make_loader,
-                  prepare_cache, read_datasplit, tile_starts)
+from errors import RunFileError
+from cache import CachedCrop, CropCache, UNANNOTATED, cache_margin, prepare_cache
+from datasplit import read_datasplit
+from sampling import PatchSpec, ValidationTiles, make_loader, tile_starts
 from metrics import ConfusionCounter
 from models import UNet
 
@@ -114,19 +117,19 @@ def test_best_checkpoint_reproduces_and_writes_predictions(tiny_run, tiny_root, 
 
 def test_last_checkpoint_and_overlap_zero_match_the_training_tiling(tiny_run, cache_dir):
     """The library path main() takes, in-process (one thread, like the training subprocess)."""
-    cfg, model, state = evaluate.load_run_model(tiny_run, "last")
+    cfg, model, state = inference.load_run_model(tiny_run, "last")
     results = json.loads((tiny_run / "results.json").read_text())
     assert state["epoch"] == results["history"][-1]["epoch"] == 2
     spec = PatchSpec(cfg.patch_shape, C.MODELS[cfg.model].dims)
     cache = prepare_cache(read_datasplit(results["datasplit"]), cfg.classes, cfg.scale_nm,
                           cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape), cache_root=cache_dir, build=False)
     crops = cache.split("validate")
-    training = evaluate.validate(model, make_loader(ValidationTiles(cache, spec), cfg.batch_size, 0), cfg.classes, "cpu")
+    training = validate(model, make_loader(ValidationTiles(cache, spec), cfg.batch_size, 0), cfg.classes, "cpu")
     assert_reproduces(training, results["history"][-1])
     comparison = evaluate.compare_with_recorded(training, results["history"][-1])
     assert comparison["reproduced"] and comparison["max_abs_difference"] <= 1e-6
     # Overlap 0 with the training tile size: the same tiles, so the same counts and the same sweep.
-    sliding = evaluate.sliding_window_report(model, crops, spec, cfg.classes, "cpu", overlap=0.0, batch_size=cfg.batch_size)
+    sliding = inference.sliding_window_report(model, crops, spec, cfg.classes, "cpu", overlap=0.0, batch_size=cfg.batch_size)
     assert sliding["per_class"] == training["per_class"]
     assert sliding["threshold_sweep"] == training["threshold_sweep"]
     # A changed count is noticed.
@@ -137,13 +140,13 @@ def test_last_checkpoint_and_overlap_zero_match_the_training_tiling(tiny_run, ca
 
 
 def test_load_run_model(tiny_run):
-    cfg, model, state = evaluate.load_run_model(tiny_run, "last")
+    cfg, model, state = inference.load_run_model(tiny_run, "last")
     assert cfg.model == "unet_25d" and not model.training and state["epoch"] == 2
     assert model.in_channels == 5 and model.num_classes == len(cfg.classes)
     with pytest.raises(RunFileError, match="not a run folder"):
-        evaluate.load_run_model(tiny_run.parent, "best")
+        inference.load_run_model(tiny_run.parent, "best")
     with pytest.raises(ValueError, match="middle"):
-        evaluate.load_run_model(tiny_run, "middle")
+        inference.load_run_model(tiny_run, "middle")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ class PickInput(torch.nn.Module):
 
 def test_blending_weights_are_a_gaussian_average():
     crop, spec, overlap = memory_crop((3, 40, 37), (0, 8, 8)), PatchSpec((1, 16, 16), 2), 0.5
-    probs = evaluate.predict_crop(TileMean(), crop, spec, "cpu", overlap=overlap, batch_size=3)
+    probs = inference.predict_crop(TileMean(), crop, spec, "cpu", overlap=overlap, batch_size=3)
 
     # Independent: per-tile constants, a Gaussian (sigma = tile/8, floor 1e-3) per tile, weighted average.
     g = np.exp(-0.5 * ((np.arange(16) - 7.5) / 2.0) ** 2)
@@ -256,7 +259,7 @@ def test_blending_weights_are_a_gaussian_average():
 ])
 def test_sliding_window_aligns_raw_context_with_the_crop(dims, raw_shape, channel, z_offset):
     crop = memory_crop((11, 30, 25), (4, 8, 8), seed=1)
-    probs = evaluate.predict_crop(PickInput(channel), crop, PatchSpec(raw_shape, dims), "cpu", overlap=0.5, batch_size=5)
+    probs = inference.predict_crop(PickInput(channel), crop, PatchSpec(raw_shape, dims), "cpu", overlap=0.5, batch_size=5)
     m = crop.margin
     raw_at_voxel = crop.raw[m[0] + z_offset: m[0] + z_offset + 11, m[1]: m[1] + 30, m[2]: m[2] + 25] / 255.0
     np.testing.assert_allclose(probs[1], 0.1 + 0.8 * raw_at_voxel, atol=1e-5)
@@ -269,8 +272,8 @@ def test_overlap_zero_equals_validate_counts(dims, raw_shape):
     crops = [memory_crop((9, 30, 25), (4, 8, 8), seed=2), memory_crop((6, 17, 40), (4, 8, 8), seed=3)]
     cache = CropCache(Path("/nonexistent"), ("a", "b"), (8.0, 8.0, 8.0), (4, 8, 8), crops, [])
     model = UNet(raw_shape[0] if dims == 2 else 1, 2, dims=dims, base_channels=4, depth=2).eval()
-    expected = evaluate.validate(model, make_loader(ValidationTiles(cache, spec), 3, 0), ("a", "b"), "cpu")
-    report = evaluate.sliding_window_report(model, crops, spec, ("a", "b"), "cpu", overlap=0.0, batch_size=3)
+    expected = validate(model, make_loader(ValidationTiles(cache, spec), 3, 0), ("a", "b"), "cpu")
+    report = inference.sliding_window_report(model, crops, spec, ("a", "b"), "cpu", overlap=0.0, batch_size=3)
     assert report["per_class"] == expected["per_class"]
     assert report["threshold_sweep"] == expected["threshold_sweep"]
     assert 0 < expected["per_class"]["a"]["tp"] < expected["per_class"]["a"]["annotated_voxels"]
@@ -278,7 +281,7 @@ def test_overlap_zero_equals_validate_counts(dims, raw_shape):
 
 def test_predict_crop_refuses_a_margin_too_small_for_the_context():
     with pytest.raises(ValueError, match="margin"):
-        evaluate.predict_crop(PickInput(), memory_crop((4, 20, 20), (1, 8, 8)), PatchSpec((5, 16, 16), 2), "cpu")
+        inference.predict_crop(PickInput(), memory_crop((4, 20, 20), (1, 8, 8)), PatchSpec((5, 16, 16), 2), "cpu")
 
 
 def test_count_crop_matches_a_numpy_count(monkeypatch):
@@ -287,8 +290,8 @@ def test_count_crop_matches_a_numpy_count(monkeypatch):
     labels = rng.integers(0, 2, size=(2, 5, 7, 9), dtype=np.uint8)
     labels[1, :2] = UNANNOTATED
     counter = ConfusionCounter(2, "cpu")
-    monkeypatch.setattr(evaluate, "COUNT_SLAB_VOXELS", 2 * 2 * 7 * 9)  # slabs of 2 slices: 5 = 2 + 2 + 1
-    evaluate.count_crop(counter, probs, labels)
+    monkeypatch.setattr(inference, "COUNT_SLAB_VOXELS", 2 * 2 * 7 * 9)  # slabs of 2 slices: 5 = 2 + 2 + 1
+    inference.count_crop(counter, probs, labels)
     report = counter.compute(["a", "b"])
     for k, cls in enumerate(["a", "b"]):
         valid, pos, pred = labels[k] != UNANNOTATED, labels[k] == 1, probs[k] >= 0.5

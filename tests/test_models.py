@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import UNet, count_parameters, estimate_memory
+from models import UNet, count_parameters
 
 
 @pytest.mark.parametrize("in_channels, dims, spatial, depth, base, norm", [
@@ -64,52 +64,6 @@ def test_count_parameters_equals_manual_sum():
     assert count_parameters(model) == manual
     model.head.weight.requires_grad_(False)
     assert count_parameters(model) == manual - model.head.weight.numel()
-
-
-def test_estimate_memory_activations_linear_in_batch_and_precision():
-    model = UNet(1, 3, base_channels=4, depth=3)
-    one, four = estimate_memory(model, (1, 1, 32, 32)), estimate_memory(model, (4, 1, 32, 32))
-    assert four["activation_bytes"] == 4 * one["activation_bytes"] > 0
-    assert four["params"] == one["params"] == count_parameters(model)
-    assert one["param_bytes"] == one["gradient_bytes"] == 4 * one["params"]
-    assert one["optimizer_bytes"] == 8 * one["params"]
-    assert one["total_bytes"] == sum(one[k] for k in ("param_bytes", "gradient_bytes", "optimizer_bytes",
-                                                        "activation_bytes"))
-    fp32 = estimate_memory(model, (1, 1, 32, 32), precision="fp32")
-    assert fp32["activation_bytes"] == 2 * one["activation_bytes"]
-    # At least the first level's conv and norm outputs (4 channels, 32x32, 2 bytes each, two layers).
-    assert one["activation_bytes"] > 2 * 2 * 4 * 32 * 32 * 2
-    with pytest.raises(ValueError, match="precision 'fp8'"):
-        estimate_memory(model, (1, 1, 32, 32), precision="fp8")
-
-
-@pytest.mark.parametrize("dims, shape, norm", [(2, (2, 5, 32, 32), "batch"), (3, (2, 1, 8, 16, 16), "group")])
-def test_estimate_memory_close_to_what_autograd_saves(dims, shape, norm):
-    """Independent reference: the distinct storages autograd saves for backward in a real fp32 forward."""
-    model = UNet(shape[1], 3, dims=dims, base_channels=4, depth=3, norm=norm)
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = model(torch.randn(shape))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    actual = sum(n for ptr, n in saved.items() if ptr not in weights) + logits.numel() * 4
-    estimate = estimate_memory(model, shape, precision="fp32")["activation_bytes"]
-    assert 0.8 * actual < estimate < 1.25 * actual
-
-
-def test_estimate_memory_leaves_the_model_untouched():
-    model = UNet(1, 2, dims=3, base_channels=4, depth=2).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    estimate_memory(model, (2, 1, 8, 8, 8))
-    assert not model.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(p.device.type == "cpu" for p in model.parameters())
-    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_gradient_reaches_the_first_convolution():

@@ -19,13 +19,14 @@ import torch
 import zarr
 
 import config_shenron as C
-from checkpoint import load_checkpoint, load_json
+from runfiles import load_checkpoint, load_json
 from conftest import (TINY_RUN_OPTIONS, epoch_metrics, epochs_recorded, folder_digest, kill_when, run_script,
                       run_training, start_training)
-from data import multiscales_attrs
+from ngff import multiscales_attrs
 from losses import build_loss
 from models import UNet
-from train_local import oom_advice, training_step
+from engine import training_step
+from runtime import oom_advice
 
 BASE = [*TINY_RUN_OPTIONS, "--epochs", 3, "--iterations", 2, "--seed", 3]
 GT = "tiny_iso/tiny_iso.zarr/recon-1/labels/groundtruth"
@@ -62,8 +63,7 @@ def test_sigkill_at_any_point_then_resume_reproduces_the_uninterrupted_run(refer
     assert load_json(run_dir / "results.json")["status"] == "running" and not (run_dir / "last.pt").exists()
 
     # 2. In the middle of writing epoch 2's last.pt (paused between the temporary file and the rename).
-    pausing = dict(session_cli_env, CELLMAP_DEBUG_PAUSE_IN_SAVE="1")
-    kill_when(start_training(resume, pausing),
+    kill_when(start_training(resume, session_cli_env, faults=["--pause-in-save", 1]),
               lambda: (run_dir / ".last.pt.tmp").exists() and (run_dir / "last.pt").exists())
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
     assert epochs_recorded(run_dir) == 1
@@ -166,13 +166,6 @@ def broken_runs(reference, bad_data) -> Path:
     return runs
 
 
-# A full disk, simulated in the real command: every fsync (only the run-file writes call it) fails.
-FULL_DISK = ("import errno, os, runpy, sys\n"
-             "def full(fd):\n"
-             "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
-             "os.fsync = full\n"
-             "sys.argv[0] = 'train_local.py'\n"
-             "runpy.run_path('train_local.py', run_name='__main__')\n")
 NOT_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
 
 # case -> (python arguments, extra environment, texts the error line must contain). Placeholders: {data} the
@@ -206,7 +199,9 @@ BAD_INPUT = {
     "output folder read-only": ([*ON_DATA, "--out-dir", "{tmp}/read-only/runs"], {}, ["{tmp}/read-only", "not writable"]),
     "no validation crop left": ([*ON_DATA, "--datasplit", "{nothing_left}"], {},
                                 ["{nothing_left}", "no usable validate crop", "1 listed"]),
-    "full disk": (["-c", FULL_DISK, *TRAIN[1:], "--data-root", "{data}"], {}, ["disk full", "results.json"]),
+    # A full disk, simulated in the real command: every fsync (only the run-file writes call it) fails.
+    "full disk": (["tests/faults.py", "--disk-full", "--", *TRAIN, "--data-root", "{data}"], {},
+                  ["disk full", "results.json"]),
     "evaluate: corrupt checkpoint": (["evaluate.py", "{runs}/corrupt", "--checkpoint", "last"], {},
                                      ["{runs}/corrupt/last.pt", "corrupt"]),
     "evaluate: truncated checkpoint": (["evaluate.py", "{runs}/truncated", "--checkpoint", "last"], {},
@@ -261,11 +256,11 @@ def nonfinite_runs(bad_data, session_cli_env, tmp_path_factory):
     crop), and a non-finite streak longer than --max-nonfinite starting in epoch 2."""
     out = tmp_path_factory.mktemp("nonfinite")
     some = [*TINY_RUN_OPTIONS, "--epochs", 2, "--iterations", 3, "--data-root", bad_data["data"],
-            "--datasplit", bad_data["report"], "--out-dir", out, "--run-name", "some", "--fault-nonfinite-steps", "1,2"]
-    many = [*BASE, "--data-root", bad_data["data"], "--out-dir", out, "--run-name", "many", "--max-nonfinite", 3,
-            "--fault-nonfinite-steps", "2,3,4,5,6,7"]
+            "--datasplit", bad_data["report"], "--out-dir", out, "--run-name", "some"]
+    many = [*BASE, "--data-root", bad_data["data"], "--out-dir", out, "--run-name", "many", "--max-nonfinite", 3]
+    runs = ((some, ["--nonfinite-steps", "1,2"]), (many, ["--nonfinite-steps", "2,3,4,5,6,7"]))
     with ThreadPoolExecutor(2) as pool:
-        some_done, many_done = pool.map(lambda args: run_training(args, session_cli_env), (some, many))
+        some_done, many_done = pool.map(lambda run: run_training(run[0], session_cli_env, faults=run[1]), runs)
     return out, some_done, many_done
 
 
@@ -302,8 +297,8 @@ def test_a_nonfinite_streak_stops_the_run_with_a_usable_checkpoint(nonfinite_run
 
 
 def test_an_exception_on_one_ddp_rank_ends_the_run_promptly_and_is_recorded(tiny_root, session_cli_env, tmp_path):
-    done = run_training([*BASE, "--data-root", tiny_root, "--out-dir", tmp_path, "--run-name", "ddp",
-                         "--fault-raise", "1:3"], session_cli_env, processes=2)
+    done = run_training([*BASE, "--data-root", tiny_root, "--out-dir", tmp_path, "--run-name", "ddp"], session_cli_env,
+                        processes=2, faults=["--raise", "1:3"])
     ended = time.time()
     run_dir = tmp_path / "ddp"
     assert done.returncode != 0
@@ -326,8 +321,11 @@ def test_skipped_training_step_leaves_no_trace():
     x, y = torch.rand(2, 1, 16, 16), (torch.rand(2, 2, 16, 16) > 0.5).float()
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    _, _, stepped = training_step(model, model, loss_fn, optimizer, scaler, contextlib.nullcontext, x, y, 1.0,
-                                  poison=True)
+    def nan_loss(logits, target, **kw):  # what an overflowing batch gives
+        loss, per_class = loss_fn(logits, target, **kw)
+        return loss * float("nan"), per_class
+
+    _, _, stepped = training_step(model, model, nan_loss, optimizer, scaler, contextlib.nullcontext, x, y, 1.0)
     assert not stepped and not optimizer.state
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())

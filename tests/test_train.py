@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import config_shenron as C
-from checkpoint import load_checkpoint, load_json
+from runfiles import load_checkpoint, load_json
 from conftest import (TINY_RUN_OPTIONS, epoch_metrics, epochs_recorded, folder_digest, kill_when, run_training,
                       start_training)
-from data import (EpochSampler, PatchSpec, TrainPatches, ValidationTiles, batch_sanity_line, cache_margin,
-                  make_loader, prepare_cache, read_datasplit, to_model_inputs)
-from evaluate import validate
+from cache import cache_margin, prepare_cache
+from datasplit import read_datasplit
+from sampling import EpochSampler, PatchSpec, TrainPatches, ValidationTiles, batch_sanity_line, make_loader, to_model_inputs
+from engine import validate
 from models import UNet, unet_for_run
 
 EPOCHS, ITERATIONS, BATCH, LR, SEED = 3, 2, 3, 0.004, 11

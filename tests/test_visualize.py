@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 import config_shenron as C
+import comparison
+import plots
 import visualize_results as V
 from conftest import TINY_RUN_OPTIONS, run_script
 
@@ -97,7 +99,7 @@ def test_table_numbers_match_hand_computation(mixed_report):
     md = (out / "comparison.md").read_text()
     header = table_row(md, "class")
     assert header[:4] == ["class", "2D (n=2)", "2.5D (n=2)", "Improvement (%)"]
-    assert header[4] == V.UPSTREAM_BASELINE["label"]
+    assert header[4] == comparison.UPSTREAM_BASELINE["label"]
     for cls in ("nuc", "mito_mem"):
         a = [FAKE[("unet_2d", s)][cls][0] for s in (0, 1)]
         b = [FAKE[("unet_25d", s)][cls][0] for s in (0, 1)]
@@ -128,7 +130,7 @@ def test_key_class_highlighted_and_table_printed(mixed_report):
     assert all(c.startswith("**") for c in table_row(md, "**nuc**"))
     assert not table_row(md, "mito_mem")[1].startswith("**")
     nuc_lines = [line for line in stdout.splitlines() if line.startswith("nuc ")]
-    assert nuc_lines and nuc_lines[0].startswith(f"nuc {V.KEY_MARK}")
+    assert nuc_lines and nuc_lines[0].startswith(f"nuc {comparison.KEY_MARK}")
     assert stdout.rstrip().endswith(f"report folder: {out}")
     assert "other pipeline" in md and "upstream" in md
 
@@ -204,9 +206,9 @@ def test_panel_slices_hold_the_class():
     crops = {"big": SimpleNamespace(name="big", positives=np.array([5, 0]), labels=labels, shape=(10, 4, 4)),
              "small": SimpleNamespace(name="small", positives=np.array([1, 0]), labels=small, shape=(10, 4, 4)),
              "huge": SimpleNamespace(name="huge", positives=np.array([10**6, 0]), labels=None,
-                                     shape=(V.PANEL_MAX_CROP_VOXELS, 2, 1))}
-    rows = V.choose_slices(crops, ["nuc", "pm"], ["nuc", "pm"])
-    assert [(cls, name) for cls, name, _ in rows] == [("nuc", "big")] * V.PANEL_SLICES_PER_CLASS
+                                     shape=(plots.PANEL_MAX_CROP_VOXELS, 2, 1))}
+    rows = plots.choose_slices(crops, ["nuc", "pm"], ["nuc", "pm"])
+    assert [(cls, name) for cls, name, _ in rows] == [("nuc", "big")] * plots.PANEL_SLICES_PER_CLASS
     zs = [z for _, _, z in rows]
     assert len(set(zs)) == len(zs) and all(labels[0, z].any() for z in zs)
 
@@ -224,7 +226,7 @@ def test_panel_from_a_tiny_real_run(tiny_root, cli_env, tmp_path):
     assert panel.read_bytes()[:8] == PNG_SIGNATURE and panel.stat().st_size > 20_000
     md = (out / "comparison.md").read_text()
     assert "![Validation slices](panel.png)" in md
-    assert f"Panel: {V.PANEL_SLICES_PER_CLASS} slices of nuc, best checkpoints" in md
+    assert f"Panel: {plots.PANEL_SLICES_PER_CLASS} slices of nuc, best checkpoints" in md
 
     # The same run with its data gone: the panel fails soft with one warning, the rest is written.
     moved = tmp_path / "moved"
