@@ -32,7 +32,7 @@ import torch
 
 import config_shenron as C
 import losses
-from cache import cache_margin, prepare_cache
+from cache import prepare_cache
 from datasplit import datasplit_for, read_datasplit, resolve_data_root
 from engine import training_step
 from errors import DataError
@@ -226,7 +226,7 @@ def data_setup(data_root: str | None):
 
 def run_cache(entries, cfg):
     """The crop cache a training run with this config would use (prepared on first use, then reopened)."""
-    return prepare_cache(entries, cfg.classes, cfg.scale_nm, cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape))
+    return prepare_cache(entries, cfg.classes, cfg.scale_nm, workers=cfg.workers)
 
 
 def run_spec(cfg) -> PatchSpec:

@@ -1,18 +1,24 @@
-"""The crop cache: every crop of a datasplit read once at the training voxel size into local `.npy` files
-(nnU-Net style: preprocess once, then sample fast), reopened as memory maps, and the data report of what
-was used and dropped.
+"""The crop cache: every crop of a datasplit read once at the training voxel size (crop_prep.py), stored one
+folder per crop (crop_store.py), and reopened as a run's view of its crops (`CropCache`, `CachedCrop`), with
+the data report of what was used, degraded and skipped.
 
-Per crop: raw uint8 with a context margin around the crop (zero outside the raw volume) and labels uint8
-[C, Z, Y, X] with `UNANNOTATED` (255) for classes absent from the crop, plus stored foreground voxel
-coordinates per class for balanced sampling. Workers and DDP ranks open them with
-`np.load(mmap_mode="r")`, so the page cache is shared rather than copied. Preparation is resumable: a crop's
-`meta.json` is written last, and the cache's `manifest.json` after every crop.
+A crop's folder is keyed by its source arrays and the training scale, not by the datasplit, the run's
+classes or its patch size: one cache serves every class subset, patch size, split and row order, and two
+runs share it. Preparation runs in `workers` processes with a progress bar and ETA, each crop under its own
+lock (a second run waits for the first, then reuses its crops), and resumes after an interruption (a
+crop's meta.json is written last). Opening verifies every file's size and CRC-32.
+
+Patches read windows of a crop in crop coordinates (voxel 0 = the crop's first voxel on the training
+grid): `raw_window` gives the raw and which of it is backed by EM that was fetched (missing raw is a mask,
+never zeros passed off as EM); `label_window` gives the labels of the run's classes with UNANNOTATED where
+a class is not annotated, including beyond the crop.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import multiprocessing
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,223 +27,301 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from config_shenron import ALL_CLASSES, DEFAULT_CACHE_DIR, MODELS
+from config_shenron import ALL_CLASSES, DEFAULT_CACHE_DIR
+from crop_prep import CropJob, prepare_crop
+from crop_store import CropStore, unpack_bits
 from datasplit import SPLITS, CropEntry
-from errors import DataError
-from ngff import choose_level, grid_box, read_levels, read_on_grid
+from errors import DataError, Interrupted
+from ngff import Level
+from resample import ChunkGrid, OnDemandRaw, nearest_index
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 UNANNOTATED = 255          # label code for "not annotated here" (becomes NaN in the target)
-FOREGROUND_SAMPLES = 4000  # foreground voxel coordinates kept per class and crop for balanced sampling
 
 
+# ----------------------------------------------------------------------------------------------------
+# Keys and preparation
+# ----------------------------------------------------------------------------------------------------
+def stored_classes(entry: CropEntry) -> tuple[str, ...]:
+    """The classes of the toolkit's 14 that a crop annotates (others are ignored), in ALL_CLASSES order."""
+    return tuple(c for c in ALL_CLASSES if c in entry.classes)
+
+
+def _fingerprint(entry: CropEntry) -> list:
+    """Cheap staleness signal: modification times of the arrays a crop is read from (a fetched chunk changes
+    its array folder's time)."""
+    paths = [Path(entry.raw_path) / ".zattrs"] + sorted(p for p in Path(entry.raw_path).glob("s*") if p.is_dir())
+    for cls in stored_classes(entry):
+        paths += [Path(entry.crop_path) / cls / ".zattrs", Path(entry.crop_path) / cls / "s0"]
+    return [(str(p), p.stat().st_mtime_ns if p.exists() else None) for p in paths]
+
+
+def crop_key(entry: CropEntry, scale: Sequence[float]) -> str:
+    blob = json.dumps({"version": CACHE_FORMAT_VERSION, "raw": entry.raw_path, "crop": entry.crop_path,
+                       "classes": stored_classes(entry), "scale": list(scale), "sources": _fingerprint(entry)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cache_directory(scale: Sequence[float], cache_root: Path = DEFAULT_CACHE_DIR) -> Path:
+    return Path(cache_root) / f"v{CACHE_FORMAT_VERSION}-{'x'.join(f'{s:g}' for s in scale)}nm"
+
+
+def prepare_cache(entries: Sequence[CropEntry], classes: Sequence[str], scale: Sequence[float],
+                  cache_root: Path = DEFAULT_CACHE_DIR, workers: int = 0, progress: bool = True,
+                  build: bool = True, verify: bool = True) -> "CropCache":
+    """Prepare the crops that are not cached yet (in `workers` processes; 0 = this one) and open the run's view
+    of them with `classes`. With `build=False` only an already complete cache is opened (FileNotFoundError
+    otherwise: another rank is still preparing it). DataError names the crop, file and fix."""
+    classes = tuple(classes)
+    unknown = [c for c in classes if c not in ALL_CLASSES]
+    if unknown:
+        raise DataError(f"unknown class(es) {unknown}; valid: {', '.join(ALL_CLASSES)}")
+    directory = cache_directory(scale, cache_root)
+    jobs = {}
+    for e in entries:
+        key = crop_key(e, scale)
+        jobs.setdefault(key, CropJob(e.name, e.raw_path, e.crop_path, stored_classes(e), tuple(scale),
+                                     str(directory / key)))
+    todo = [job for job in jobs.values() if not (Path(job.directory) / "meta.json").is_file()]
+    if todo and not build:
+        raise FileNotFoundError(todo[0].directory)
+    if todo:
+        _prepare_all(todo, workers, progress)
+    crops, rows = [], []
+    for e in entries:
+        store = CropStore(Path(jobs[crop_key(e, scale)].directory))
+        meta = store.read_meta()
+        row = {"name": e.name, "split": e.split, "row": e.row, "label_voxel_size": meta.get("label_voxel_size")}
+        if meta["status"] != "ready":
+            rows.append(dict(row, status="skipped", reason=meta["reason"], fix=meta.get("fix", "")))
+            continue
+        if verify:
+            store.verify(meta)
+        crop = CachedCrop.open(e, store, meta, classes)
+        if not crop.annotated.any():
+            rows.append(dict(row, status="skipped", reason="none of the requested classes is annotated", fix=""))
+            continue
+        crops.append(crop)
+        rows.append(dict(row, status="used", annotated=[c for c, a in zip(classes, crop.annotated) if a],
+                         raw_coverage=crop.raw_coverage))
+    return CropCache(directory, classes, tuple(scale), crops, rows)
+
+
+def _ignore_interrupts() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops them (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _prepare_all(jobs: list[CropJob], workers: int, progress: bool) -> None:
+    """Run prepare_crop over `jobs` with a progress bar (ETA); one line on Ctrl-C or SIGTERM, finished crops kept."""
+    bar = tqdm(total=len(jobs), desc="preparing the crop cache", unit="crop", disable=not progress, file=sys.stdout)
+    pool = multiprocessing.get_context("fork").Pool(workers, _ignore_interrupts) if workers > 0 else None
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # after the fork: the workers keep the default
+    try:
+        results = pool.imap_unordered(prepare_crop, jobs) if pool else map(prepare_crop, jobs)
+        for meta in results:
+            bar.set_postfix_str(meta.get("name", ""))
+            bar.update()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while preparing the crop cache: {bar.n} of {len(jobs)} crops done; run "
+                          f"again to prepare the rest (finished crops are kept)") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's view
+# ----------------------------------------------------------------------------------------------------
 @dataclass
 class CachedCrop:
-    """One crop in the cache. Arrays are memory-mapped on first access (per worker process)."""
+    """One cached crop as a run sees it: the run's classes, windows in crop coordinates. Arrays are opened
+    on first access (per worker process) and not pickled."""
 
     name: str
     split: str
     directory: Path
     shape: tuple[int, int, int]              # crop box on the training grid
     grid_start: tuple[int, int, int]         # its first voxel's index on the training grid (centre j*scale)
-    margin: tuple[int, int, int]             # raw context on each side
+    scale: tuple[float, float, float]
+    classes: tuple[str, ...]                 # the run's classes
+    stored: list                             # per run class: its meta entry, or None (not annotated here)
     annotated: np.ndarray                    # [C] bool
-    positives: np.ndarray                    # [C] int64 positive voxels
+    positives: np.ndarray                    # [C] int64 positive voxels at the training scale
+    annotated_voxels: np.ndarray             # [C] int64
+    raw: dict                                # meta["raw"]
+    label_voxel_size: tuple[float, ...]
+    class_order: tuple[str, ...]             # stored classes, as indexed in foreground.npy
     _arrays: dict = field(default_factory=dict, repr=False)
 
-    def _load(self, name: str) -> np.ndarray:
+    @classmethod
+    def open(cls, entry: CropEntry, store: CropStore, meta: dict, classes: Sequence[str]) -> "CachedCrop":
+        stored = [meta["classes"].get(c) for c in classes]
+        return cls(entry.name, entry.split, store.directory, tuple(meta["shape"]), tuple(meta["grid_start"]),
+                   tuple(meta["scale"]), tuple(classes), stored, np.array([s is not None for s in stored]),
+                   np.array([s["positives"] if s else 0 for s in stored], dtype=np.int64),
+                   np.array([s["annotated"] if s else 0 for s in stored], dtype=np.int64), meta["raw"],
+                   tuple(meta["label_voxel_size"]), tuple(meta["class_order"]))
+
+    def __getstate__(self):  # workers re-open the memory maps instead of pickling them
+        return dict(self.__dict__, _arrays={})
+
+    def _load(self, name: str):
         if name not in self._arrays:
-            self._arrays[name] = np.load(self.directory / f"{name}.npy", mmap_mode="r")
+            self._arrays[name] = CropStore(self.directory).load(name)
         return self._arrays[name]
 
     @property
-    def raw(self) -> np.ndarray:          # uint8 [Z+2mz, Y+2my, X+2mx]
-        return self._load("raw")
+    def raw_coverage(self) -> float:
+        """Fraction of the crop's voxels with raw at the training scale."""
+        return float(self.raw["crop_coverage"])
 
     @property
-    def labels(self) -> np.ndarray:       # uint8 [C, Z, Y, X]: 0, 1 or UNANNOTATED
-        return self._load("labels")
+    def coverage_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 raw coverage of BLOCK^3 blocks, the crop coordinates where block 0 starts)."""
+        return self._load("coverage.npy").astype(np.float32) / 255, np.array(self.raw["coverage_blocks_start"])
 
     @property
-    def foreground(self) -> np.ndarray:   # int32 [N, 4]: class index, z, y, x (crop coordinates)
-        return self._load("foreground")
+    def foreground(self) -> np.ndarray:
+        """int32 [N, 4]: run class index, z, y, x (crop coordinates) of sampled foreground voxels."""
+        if "foreground" not in self._arrays:
+            stored = np.asarray(self._load("foreground.npy"))
+            to_run = np.array([self.classes.index(c) if c in self.classes else -1 for c in self.class_order])
+            run_index = to_run[stored[:, 0]] if len(stored) else np.zeros(0, dtype=np.int64)
+            keep = run_index >= 0
+            self._arrays["foreground"] = np.concatenate([run_index[keep, None], stored[keep, 1:]], 1).astype(np.int32)
+        return self._arrays["foreground"]
 
-    def __getstate__(self):               # workers re-open the memory maps instead of pickling them
-        state = self.__dict__.copy()
-        state["_arrays"] = {}
-        return state
+    # ---- windows ----
+    def raw_window(self, start: Sequence[int], shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 raw, bool valid) of the box [start, start + shape) in crop coordinates; voxels without
+        fetched EM (or beyond the stored region) are invalid and 0."""
+        if self.raw["mode"] == "zarr":
+            return self._raw_from_zarr(start, shape)
+        raw = np.zeros(tuple(shape), dtype=np.uint8)
+        valid = np.zeros(tuple(shape), dtype=bool)
+        src, dst = _overlap(start, shape, self.raw["region_start"], self.raw["region_shape"])
+        if src is None:
+            return raw, valid
+        raw[dst] = self._load("raw.npy")[src]
+        packed = self._load("raw_valid.npy")[src[0], src[1]]
+        valid[dst] = unpack_bits(packed, src[2].start, src[2].stop)
+        return raw, valid
+
+    def _raw_from_zarr(self, start, shape) -> tuple[np.ndarray, np.ndarray]:
+        """Raw read on demand (crops too large to cache)."""
+        if "zarr" not in self._arrays:
+            lv = self.raw["level"]
+            level = Level(lv["path"], tuple(lv["scale"]), tuple(lv["translation"]), tuple(lv["shape"]), "uint8")
+            grid = ChunkGrid(level.shape, tuple(self.raw["chunks"]), np.asarray(self._load("presence.npy")))
+            self._arrays["zarr"] = OnDemandRaw(level, grid, self.scale)
+        return self._arrays["zarr"].window(np.asarray(self.grid_start) + np.asarray(start), shape)
+
+    def label_window(self, start: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+        """uint8 [C, *shape]: 0/1 per run class, UNANNOTATED where the class is not annotated."""
+        out = np.full((len(self.classes),) + tuple(shape), UNANNOTATED, dtype=np.uint8)
+        for c, info in enumerate(self.stored):
+            if info is not None:
+                read = self._grid_labels if info["storage"] == "grid" else self._native_labels
+                read(info, start, shape, out[c])
+        return out
+
+    def _grid_labels(self, info: dict, start, shape, out: np.ndarray) -> None:
+        src, dst = _overlap(start, shape, info["box_start"], info["box_shape"])
+        if src is None:
+            return
+        bits = unpack_bits(self._load(info["file"])[src[0], src[1]], src[2].start, src[2].stop)
+        cz, cy, cx = (np.asarray(c)[s] for c, s in zip(info["coverage"], src))
+        annotated = (cz[:, None, None] * cy[None, :, None] * cx[None, None, :]) >= 0.5
+        out[dst] = np.where(annotated, bits, UNANNOTATED)
+
+    def _native_labels(self, info: dict, start, shape, out: np.ndarray) -> None:
+        lv = info["level"]
+        index, inside = zip(*(nearest_index(self.grid_start[a] + int(start[a]), int(shape[a]), self.scale[a],
+                                            lv["translation"][a], lv["scale"][a], lv["shape"][a]) for a in range(3)))
+        if not all(i.any() for i in inside):
+            return
+        iz, iy, ix = (i[m] for i, m in zip(index, inside))
+        first, last = int(ix.min()) // 8, -(-(int(ix.max()) + 1) // 8)
+        packed = np.asarray(self._load(info["file"])[iz[:, None], iy[None, :], first:last])
+        bits = np.unpackbits(packed, axis=-1)[..., ix - 8 * first]
+        out[np.ix_(*inside)] = bits
+
+    @property
+    def labels(self) -> np.ndarray:
+        """uint8 [C, Z, Y, X] over the whole crop (small crops: tests, panels)."""
+        return self.label_window((0, 0, 0), self.shape)
+
+
+def _overlap(start, shape, box_start, box_shape):
+    """(source slices into the box's arrays, destination slices into the window) of the window
+    [start, start + shape) and the box [box_start, box_start + box_shape), or (None, None)."""
+    src, dst = [], []
+    for a in range(3):
+        lo, hi = max(int(start[a]), int(box_start[a])), min(int(start[a]) + int(shape[a]),
+                                                           int(box_start[a]) + int(box_shape[a]))
+        if hi <= lo:
+            return None, None
+        src.append(slice(lo - int(box_start[a]), hi - int(box_start[a])))
+        dst.append(slice(lo - int(start[a]), hi - int(start[a])))
+    return tuple(src), tuple(dst)
 
 
 @dataclass
 class CropCache:
-    """All crops of one datasplit at one scale, class list and margin."""
+    """A run's crops: those of its datasplit that are usable with its classes, and one row per datasplit row
+    saying what happened to it."""
 
     directory: Path
     classes: tuple[str, ...]
     scale: tuple[float, float, float]
-    margin: tuple[int, int, int]
     crops: list[CachedCrop]
-    dropped: list[tuple[str, str]]   # (crop, reason)
+    rows: list[dict]
 
     def split(self, name: str) -> list[CachedCrop]:
         return [c for c in self.crops if c.split == name]
 
+    @property
+    def dropped(self) -> list[tuple[str, str]]:
+        return [(r["name"], r["reason"]) for r in self.rows if r["status"] == "skipped"]
+
     def class_frequencies(self, split: str = "train") -> dict[str, float]:
         """Positive fraction of annotated voxels per class (for frequency-based class weights)."""
-        pos = np.zeros(len(self.classes))
-        ann = np.zeros(len(self.classes))
-        for c in self.split(split):
-            pos += c.positives
-            ann += c.annotated * float(np.prod(c.shape))
+        pos = sum((c.positives for c in self.split(split)), np.zeros(len(self.classes)))
+        ann = sum((c.annotated_voxels for c in self.split(split)), np.zeros(len(self.classes)))
         return {cls: float(p / a) if a else 0.0 for cls, p, a in zip(self.classes, pos, ann)}
-
-
-def _source_fingerprint(entry: CropEntry) -> list:
-    """Cheap staleness signal: mtimes of the array folders and metadata a crop is read from."""
-    paths = [Path(entry.raw_path) / ".zattrs"]
-    for cls in entry.classes:
-        paths += [Path(entry.crop_path) / cls / ".zattrs", Path(entry.crop_path) / cls]
-    return [(str(p), p.stat().st_mtime_ns if p.exists() else None) for p in paths]
-
-
-def cache_key(entries: Sequence[CropEntry], classes: Sequence[str], scale: Sequence[float],
-              margin: Sequence[int]) -> str:
-    blob = json.dumps({
-        "version": CACHE_FORMAT_VERSION, "classes": list(classes), "scale": list(scale),
-        "margin": list(margin),
-        "crops": [[e.split, e.raw_path, e.crop_path, list(e.classes), _source_fingerprint(e)] for e in entries],
-    }, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _prepare_crop(entry: CropEntry, classes: Sequence[str], scale: Sequence[float],
-                  margin: Sequence[int], out: Path, rng: np.random.Generator) -> dict:
-    """Read one crop at the training scale into `out`; returns its metadata (written last, as the
-    completion marker). Raises DataError for a crop that cannot be used."""
-    present = [c for c in classes if c in entry.classes]
-    class_levels = {c: choose_level(read_levels(Path(entry.crop_path) / c), scale) for c in present}
-    if not class_levels:
-        return {"skip": "none of the requested classes is annotated"}
-    boxes = [grid_box(lv, scale) for lv in class_levels.values()]
-    start = np.min([b[0] for b in boxes], axis=0)
-    stop = np.max([b[1] for b in boxes], axis=0)
-    shape = tuple(int(v) for v in stop - start)
-    if min(shape) <= 0:
-        return {"skip": "crop is empty at the training scale"}
-
-    raw_level = choose_level(read_levels(entry.raw_path), scale)
-    raw_start, raw_stop = grid_box(raw_level, scale)
-    if np.any(start >= raw_stop) or np.any(stop <= raw_start):
-        return {"skip": "crop lies outside its raw volume"}
-    m = np.asarray(margin)
-    raw = read_on_grid(raw_level, scale, start - m, tuple(int(v) for v in stop - start + 2 * m), fill=0)
-
-    labels = np.full((len(classes),) + shape, UNANNOTATED, dtype=np.uint8)
-    for cls, lv in class_levels.items():
-        labels[classes.index(cls)] = read_on_grid(lv, scale, start, shape, fill=UNANNOTATED, binarize=True)
-    annotated = np.array([bool(np.any(labels[i] != UNANNOTATED)) for i in range(len(classes))])
-    positives = np.array([int(np.count_nonzero(labels[i] == 1)) for i in range(len(classes))], dtype=np.int64)
-
-    foreground = []
-    for i in range(len(classes)):
-        coords = np.argwhere(labels[i] == 1)
-        if len(coords) > FOREGROUND_SAMPLES:
-            coords = coords[np.sort(rng.choice(len(coords), FOREGROUND_SAMPLES, replace=False))]
-        foreground.append(np.concatenate([np.full((len(coords), 1), i), coords], axis=1))
-    out.mkdir(parents=True, exist_ok=True)
-    _save_atomic(out / "raw.npy", raw)
-    _save_atomic(out / "labels.npy", labels)
-    _save_atomic(out / "foreground.npy", np.concatenate(foreground).astype(np.int32))
-    return {"shape": list(shape), "grid_start": start.tolist(), "annotated": annotated.tolist(),
-            "positives": positives.tolist(), "raw_scale": list(raw_level.scale),
-            "inside_raw": bool(np.all(start >= raw_start) and np.all(stop <= raw_stop))}
-
-
-def prepare_cache(entries: Sequence[CropEntry], classes: Sequence[str], scale: Sequence[float],
-                  margin: Sequence[int], cache_root: Path = DEFAULT_CACHE_DIR,
-                  progress: bool = True, build: bool = True) -> CropCache:
-    """Build (or reuse) the cache for these crops. Resumable: finished crops are kept on interruption.
-    With `build=False` only an existing complete cache is opened (FileNotFoundError otherwise)."""
-    classes = tuple(classes)
-    unknown = [c for c in classes if c not in ALL_CLASSES]
-    if unknown:
-        raise DataError(f"unknown class(es) {unknown}; valid: {', '.join(ALL_CLASSES)}")
-    key = cache_key(entries, classes, scale, margin)
-    directory = Path(cache_root) / key
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file() and not build:
-        raise FileNotFoundError(manifest_path)
-    if not manifest_path.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        todo = [(i, e) for i, e in enumerate(entries) if not (directory / f"crop_{i:04d}" / "meta.json").is_file()]
-        bar = tqdm(todo, desc=f"preparing cache {key}", unit="crop", disable=not progress or not todo,
-                   file=sys.stdout)
-        for i, e in bar:
-            bar.set_postfix_str(e.name)
-            out = directory / f"crop_{i:04d}"
-            try:
-                meta = _prepare_crop(e, classes, scale, margin, out, rng)
-            except DataError as err:
-                raise DataError(f"datasplit row {e.row}: {err}")
-            meta.update(name=e.name, split=e.split, row=e.row)
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / "meta.json.tmp"
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, out / "meta.json")
-        manifest = {"version": CACHE_FORMAT_VERSION, "classes": list(classes), "scale": list(scale),
-                    "margin": list(margin), "crops": len(entries)}
-        tmp = directory / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, manifest_path)
-    return load_cache(directory, classes, scale, margin, len(entries))
-
-
-def load_cache(directory: Path, classes, scale, margin, n_entries: int) -> CropCache:
-    crops, dropped = [], []
-    for i in range(n_entries):
-        meta = json.loads((directory / f"crop_{i:04d}" / "meta.json").read_text())
-        if "skip" in meta:
-            dropped.append((meta["name"], meta["skip"]))
-            continue
-        crops.append(CachedCrop(meta["name"], meta["split"], directory / f"crop_{i:04d}", tuple(meta["shape"]),
-                                tuple(meta["grid_start"]), tuple(margin), np.array(meta["annotated"]),
-                                np.array(meta["positives"], dtype=np.int64)))
-    return CropCache(directory, tuple(classes), tuple(scale), tuple(margin), crops, dropped)
-
-
-def cache_margin(profile, patch_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
-    """Raw context needed around a crop so that any patch centred inside it is fully backed by raw: the
-    largest patch of every model config of `profile` (so 2D, 2.5D and 3D runs share one cache) and of
-    the run's own `patch_shape` (e.g. after --patch-yx). Training and evaluation both call this."""
-    shapes = np.array([m.patch_shape(profile) for m in MODELS.values()] + ([list(patch_shape)] if patch_shape else []))
-    mz, my, mx = (shapes.max(axis=0) // 2).tolist()
-    return (max(2, mz), my, mx)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------
+DEGRADED_COVERAGE = 0.95  # a crop with less raw than this is reported as degraded (edge voxels aside)
+
+
 def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequence[int] | None = None) -> list[str]:
-    """Lines saying what was loaded: crops per split, what was dropped and why, unannotated classes, and
-    (given the patch's y/x size) the crops smaller than a patch."""
+    """Lines saying what was loaded: crops per split, one line per skipped crop with the fix, one per crop whose
+    raw is partly missing, the crops smaller than a patch, and the classes no crop of a split annotates."""
     lines = [f"data: {len(entries)} crops in the datasplit; cache {cache.directory}"]
     for split in SPLITS:
         crops = cache.split(split)
-        if patch_yx is not None:
-            # Kept, unlike cellmap-data, which drops such crops silently: their patches take the raw context
-            # from around the crop, and their labels beyond its edge are masked out of the loss and metrics.
-            for c in crops:
-                if c.shape[1] < patch_yx[0] or c.shape[2] < patch_yx[1]:
-                    lines.append(f"  {split}: {c.name} is {c.shape[1]}x{c.shape[2]} voxels, smaller than the "
-                                 f"{patch_yx[0]}x{patch_yx[1]} patch: used, with the labels beyond its edge masked")
+        for c in crops:
+            if c.raw_coverage < DEGRADED_COVERAGE:
+                lines.append(f"  {split}: {c.name}: raw EM covers {c.raw_coverage:.0%} of the crop; the voxels "
+                             f"without it are masked out of the loss and the metrics")
+            if patch_yx is not None and (c.shape[1] < patch_yx[0] or c.shape[2] < patch_yx[1]):
+                # Kept, unlike cellmap-data, which drops such crops silently: their patches take the raw context
+                # from around the crop, and their labels beyond its edge are masked out of the loss and metrics.
+                lines.append(f"  {split}: {c.name} is {c.shape[1]}x{c.shape[2]} voxels, smaller than the "
+                             f"{patch_yx[0]}x{patch_yx[1]} patch: used, with the labels beyond its edge masked")
         listed = sum(e.split == split for e in entries)
         voxels = sum(int(np.prod(c.shape)) for c in crops)
         lines.append(f"  {split}: {len(crops)}/{listed} crops used, {voxels:,} voxels at the training scale")
@@ -247,8 +331,25 @@ def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequen
         missing = [cls for cls, a in zip(cache.classes, annotated) if not a]
         if missing:
             lines.append(f"  {split}: classes with no annotation: {', '.join(missing)}")
-    for name, reason in cache.dropped:
-        lines.append(f"  dropped {name}: {reason}")
+    for row in cache.rows:
+        if row["status"] == "skipped":
+            voxel = row.get("label_voxel_size")
+            at = f" (labels at {' x '.join(f'{v:g}' for v in voxel)} nm)" if voxel else ""
+            lines.append(f"  dropped {row['name']}{at}: {row['reason']}" + (f"; fix: {row['fix']}" if row['fix'] else ""))
     if cache.dropped:
         lines.append(f"  WARNING: {len(cache.dropped)} of {len(entries)} crops dropped")
     return lines
+
+
+def crops_table(cache: CropCache, sample_share: dict[str, float], unusable: dict[str, str]) -> list[dict]:
+    """results.json's `crops`: one row per datasplit row (name, split, label voxel size, used or skipped with
+    the reason and fix, annotated classes, raw coverage at the training scale, expected share of training
+    samples); `unusable` are training crops the sampler leaves out (name -> reason)."""
+    rows = []
+    for row in cache.rows:
+        row = dict(row, sample_share=sample_share.get(row["name"]) if row["split"] == "train" else None)
+        if row["split"] == "train" and row["name"] in unusable:
+            row.update(status="skipped", reason=unusable[row["name"]])
+        rows.append(row)
+    return rows
+

@@ -1,17 +1,20 @@
 """Comparing runs: reading run folders (a folder that is still running, failed, missing or corrupt is
 skipped with the reason), grouping runs into arms (same model, loss and result-relevant settings; seeds are
-repeats), per-class means and seed-to-seed spreads of Dice, precision and recall at each run's best epoch,
-and the report's tables (Markdown and terminal): Dice per class, the loss ranking, precision and recall.
+repeats, and a second run of a seed an arm already holds is set aside as a duplicate), per-class means and
+seed-to-seed spreads of Dice, precision and recall at each run's best epoch, the paired statistics between
+arms (per-seed differences, Student-t 95% intervals), and the report's tables (Markdown and terminal): Dice
+per class, the loss ranking, precision and recall.
 
-For exactly two arms the Dice table takes the seed's form (class | 2D | 2.5D | Improvement (%)). The key
-class (config_shenron.KEY_CLASS) is highlighted everywhere.
+For exactly two arms the Dice table takes the seed's form (class | 2D | 2.5D | Improvement (%)), with the
+paired difference beside the relative one. The key class (config_shenron.KEY_CLASS) is highlighted everywhere.
 """
 from __future__ import annotations
 
 import json
 import re
 import textwrap
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +139,7 @@ class Arm:
     runs: list[Run]
     label: str = ""
     color: str = "tab:blue"
+    duplicates: list[tuple[Run, str]] = field(default_factory=list)  # set aside: (run, why), not in any statistic
 
     @property
     def identity(self) -> dict:
@@ -163,13 +167,38 @@ def _short(value) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
+def same_history(a: Run, b: Run) -> bool:
+    """Two runs whose every epoch has the same training loss and validation mean Dice: one experiment twice
+    (a CPU run is deterministic for its seed), whatever seeds their results.json name."""
+    key = lambda r: [(h.get("train_loss"), h.get("mean_dice")) for h in r.history]
+    return bool(a.history) and key(a) == key(b)
+
+
+def split_duplicates(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, str]]]:
+    """(one run per seed, the others with the reason): a second run of a seed, or a run identical to another,
+    repeats an experiment rather than sampling the seed-to-seed spread, so only the first (by name) counts."""
+    unique, duplicates = [], []
+    for run in sorted(runs, key=lambda r: (r.seed, r.name)):
+        same_seed = next((u for u in unique if u.seed == run.seed), None)
+        twin = next((u for u in unique if same_history(u, run)), None)
+        if same_seed is not None:
+            duplicates.append((run, f"seed {run.seed} again (the arm already holds {same_seed.name})"))
+        elif twin is not None:
+            duplicates.append((run, f"its history is identical to {twin.name} (seed {twin.seed}): the same "
+                                    f"experiment under another seed label"))
+        else:
+            unique.append(run)
+    return unique, duplicates
+
+
 def group_arms(runs: list[Run]) -> list[Arm]:
-    """Arms in a stable order (model config order, then loss); labels name what differs between arms."""
+    """Arms in a stable order (model config order, then loss); labels name what differs between arms. Each
+    arm counts one run per seed (`split_duplicates`); the others are kept in `duplicates`."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(json.dumps(run.identity, sort_keys=True), []).append(run)
     model_order = list(C.MODELS)
-    arms = [Arm(sorted(rs, key=lambda r: (r.seed, r.name))) for rs in groups.values()]
+    arms = [Arm(unique, duplicates=duplicates) for unique, duplicates in map(split_duplicates, groups.values())]
     arms.sort(key=lambda a: (model_order.index(a.identity["model"]) if a.identity["model"] in model_order else 99,
                              a.identity["loss"], json.dumps(a.identity, sort_keys=True)))
     # Model and loss name an arm; other settings join the label only as needed to tell arms apart, fewest
@@ -214,10 +243,8 @@ def warnings_for(arms: list[Arm]) -> list[str]:
     """Things that make the comparison weaker than it looks."""
     lines = []
     for arm in arms:
-        seeds = [r.seed for r in arm.runs]
-        if len(set(seeds)) < len(seeds):
-            lines.append(f"warning: arm {arm.label} has several runs with the same seed ({seeds}); they count "
-                         f"as separate repeats")
+        for run, why in arm.duplicates:
+            lines.append(f"warning: arm {arm.label}: run {run.name} is left out of every statistic: {why}")
     if len({tuple(r.classes) for a in arms for r in a.runs}) > 1:
         lines.append("warning: the runs were trained on different class sets, so their means cover different "
                      "classes; compare per class")
@@ -244,18 +271,97 @@ def class_cell(arm: Arm, cls: str, metric: str, spread: bool = True) -> str:
 
 
 def improvement(a: Stat, b: Stat) -> str:
-    """Relative change of b over a in percent, marked when smaller than the seed-to-seed spread."""
+    """Relative change of b's mean over a's in percent (the absolute, paired difference is `difference_cell`)."""
     if a.mean is None or b.mean is None:
         return "-"
     if a.mean == 0:
         return "n/a (base 0)"
-    text = f"{(b.mean - a.mean) / a.mean * 100:+.1f}"
-    return text + (" (within noise)" if within_noise(a, b) else "")
+    return f"{(b.mean - a.mean) / a.mean * 100:+.1f}"
 
 
 def within_noise(a: Stat, b: Stat) -> bool:
-    """|difference of the means| < the sum of the two seed standard deviations (needs >= 2 seeds each)."""
+    """The unpaired rule, for arms without a common seed: |difference of the means| < the sum of the two seed
+    standard deviations (needs >= 2 seeds each)."""
     return a.std is not None and b.std is not None and abs(b.mean - a.mean) < a.std + b.std
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paired statistics: the same seed means the same training samples and initialisation in both arms
+# ----------------------------------------------------------------------------------------------------
+CONFIDENCE = 0.95
+
+
+def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    """The two-sided Student-t critical value, e.g. t(0.975, 2) = 4.302653."""
+    from scipy.stats import t  # only the reports need scipy
+
+    return float(t.ppf(0.5 + confidence / 2, df))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-seed differences b - a over the seeds both arms hold: their mean, sample standard deviation and
+    the Student-t interval mean +- t(0.975, n - 1) * sd / sqrt(n) (sd, low, high are None for n < 2)."""
+
+    n: int
+    mean: float | None
+    sd: float | None
+    low: float | None
+    high: float | None
+
+    @property
+    def distinguishable(self) -> bool | None:
+        """Whether the interval excludes 0 (None without an interval)."""
+        return None if self.low is None else not (self.low <= 0 <= self.high)
+
+
+def paired_difference(a: list[Run], b: list[Run], value) -> Paired:
+    """The paired comparison of b against a; `value(run)` is the metric (None = not scored, left out)."""
+    va = {r.seed: value(r) for r in a}
+    vb = {r.seed: value(r) for r in b}
+    diffs = [vb[s] - va[s] for s in sorted(set(va) & set(vb)) if va[s] is not None and vb[s] is not None]
+    n = len(diffs)
+    if n == 0:
+        return Paired(0, None, None, None, None)
+    mean = float(np.mean(diffs))
+    if n == 1:
+        return Paired(1, mean, None, None, None)
+    sd = float(np.std(diffs, ddof=1))
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
+    return Paired(n, mean, sd, mean - half, mean + half)
+
+
+def mean_dice_of(run: Run):
+    return run.best["mean_dice"]
+
+
+def class_dice_of(cls: str):
+    return lambda run: run.best["per_class"].get(cls, {}).get("dice")
+
+
+def difference_cell(a: Arm, b: Arm, value, unpaired: tuple[Stat, Stat]) -> str:
+    """b - a: paired over common seeds with its 95% interval, 'not distinguishable' when the interval holds 0;
+    one common seed: the difference alone; no common seed: the difference of the means, marked '(unpaired)'
+    and '(within noise)' by the unpaired rule."""
+    paired = paired_difference(a.runs, b.runs, value)
+    if paired.n == 0:
+        sa, sb = unpaired
+        if sa.mean is None or sb.mean is None:
+            return "-"
+        return f"{sb.mean - sa.mean:+.3f} (unpaired)" + (" (within noise)" if within_noise(sa, sb) else "")
+    if paired.low is None:
+        return f"{paired.mean:+.3f}"
+    return (f"{paired.mean:+.3f} [{paired.low:+.3f}, {paired.high:+.3f}]"
+            + ("" if paired.distinguishable else " not distinguishable"))
+
+
+PAIRED_NOTE = ("paired over the seeds both arms hold (the same seed draws the same training samples and, for "
+               "the same model, the same initial weights): mean of the per-seed differences [95% confidence "
+               "interval: mean +- t(0.975, n-1) x sd / sqrt(n), Student t with n-1 degrees of freedom over the "
+               "n per-seed differences]; 'not distinguishable' when the interval contains 0. One common seed: "
+               "the difference alone, no interval (repeat with --seeds N). Arms without a common seed fall back "
+               "to the unpaired difference of the means, '(within noise)' when it is smaller than the sum of the "
+               "two arms' seed standard deviations.")
 
 
 def render(header: list[str], rows: list[list[str]], markdown: bool, key_rows: set[int] = frozenset()) -> str:
@@ -303,18 +409,41 @@ class Report:
         return "\n\n".join(p for p in parts if p)
 
 
+METRIC_NOTE = ("metric: 8-nm training-grid Dice, validation: every validation crop resampled to the 8 nm training "
+               "grid, TP/FP/FN pooled over all its voxels (not the challenge's own evaluation)")
+
+
+def seed_list(arm: Arm) -> str:
+    return ", ".join(str(r.seed) for r in arm.runs)
+
+
+def schedule_note(arms: list[Arm]) -> str:
+    """'schedule: E epochs x S steps x batch B (x P processes), seeds ...', once when every arm shares it."""
+    def one(arm: Arm) -> str:
+        i = arm.identity
+        procs = i.get("world_size", 1)
+        return (f"{i.get('epochs', '?')} epochs x {i.get('iterations', '?')} steps x batch {i.get('batch_size', '?')}"
+                + (f" x {procs} processes" if procs != 1 else "") + f", seeds {seed_list(arm)}")
+
+    texts = [one(a) for a in arms]
+    if len(set(texts)) == 1:
+        return f"schedule: {texts[0]}" + (" (every arm)" if len(arms) > 1 else "")
+    return "schedule: " + "; ".join(f"{a.label}: {t}" for a, t in zip(arms, texts))
+
+
 def dice_section(arms: list[Arm], classes: list[str], baseline: bool, spread: bool = True):
     two = len(arms) == 2
     header = ["class"] + [f"{a.label} (n={len(a.runs)})" for a in arms]
     if two:
-        header.append("Improvement (%)")
+        header += ["Improvement (%)", f"{arms[1].label} - {arms[0].label} (paired 95% CI)"]
     if baseline:
         header.append(UPSTREAM_BASELINE["label"])
     rows, key_rows = [], set()
     for cls in classes:
         row = [cls] + [class_cell(a, cls, "dice", spread) for a in arms]
         if two:
-            row.append(improvement(arms[0].stat(cls, "dice"), arms[1].stat(cls, "dice")))
+            stats = (arms[0].stat(cls, "dice"), arms[1].stat(cls, "dice"))
+            row += [improvement(*stats), difference_cell(arms[0], arms[1], class_dice_of(cls), stats)]
         if baseline:
             value = UPSTREAM_BASELINE["per_class"].get(cls)
             row.append("-" if value is None else f"{value:.3f}")
@@ -323,27 +452,26 @@ def dice_section(arms: list[Arm], classes: list[str], baseline: bool, spread: bo
         rows.append(row)
     mean_row = ["mean"] + [fmt_stat(a.mean_dice(), spread) for a in arms]
     if two:
-        mean_row.append(improvement(arms[0].mean_dice(), arms[1].mean_dice()))
+        stats = (arms[0].mean_dice(), arms[1].mean_dice())
+        mean_row += [improvement(*stats), difference_cell(arms[0], arms[1], mean_dice_of, stats)]
     if baseline:
         mean_row.append(f"{UPSTREAM_BASELINE['mean_dice']:.3f}")
     rows.append(mean_row)
 
     absent = sorted({c for a in arms for r in a.runs for c in r.best.get("absent_classes") or []},
                     key=lambda c: classes.index(c) if c in classes else 99)
-    seeds = [len(a.runs) for a in arms]
-    notes = [f"Dice at each run's best epoch (highest validation mean Dice, so chosen on the validation set "
+    notes = [METRIC_NOTE + ".", schedule_note(arms) + ".",
+             f"Dice at each run's best epoch (highest validation mean Dice, so chosen on the validation set "
              f"itself), threshold {DEFAULT_THRESHOLD}, TP/FP/FN pooled over the whole validation set.",
              f"mean = mean over the classes present (annotated) in the validation set; absent classes, left "
              f"out of the mean: {', '.join(absent) if absent else 'none'}.",
              "a ± s = mean and sample standard deviation (n - 1) over seeds; n = seeds per arm."
              if spread else "means over seeds (standard deviations in comparison.md); n = seeds per arm."]
     if two:
-        notes.append(f"Improvement (%) = relative change ({arms[1].label} - {arms[0].label}) / {arms[0].label} x 100.")
-        if min(seeds) > 1:
-            notes.append("(within noise): |difference| < sum of the two arms' seed standard deviations.")
-        else:
-            notes.append("single seed in an arm: no spread estimate; repeat with --seeds N to mark differences "
-                         "within the seed-to-seed noise.")
+        notes.append(f"Improvement (%) = relative change of the means ({arms[1].label} - {arms[0].label}) / "
+                     f"{arms[0].label} x 100; {arms[1].label} - {arms[0].label} = the absolute difference in Dice, "
+                     + PAIRED_NOTE)
+    notes += warnings_for(arms)
     notes.append(f"key class: {C.KEY_CLASS} (bold in Markdown, {KEY_MARK} in the terminal).")
     if baseline:
         notes.append(UPSTREAM_BASELINE["source"] + ".")
@@ -364,22 +492,23 @@ def precision_recall_section(arms: list[Arm], classes: list[str], spread: bool =
 def ranking_section(arms: list[Arm]):
     ranked = sorted(arms, key=lambda a: a.mean_dice().mean, reverse=True)
     header = ["rank", "arm", "mean Dice (best)", "best epoch", "final-epoch mean Dice", "best - final",
-              f"{C.KEY_CLASS} Dice", "n", "vs rank 1"]
-    top = ranked[0].mean_dice()
+              f"{C.KEY_CLASS} Dice", "n", "vs rank 1: mean Dice (paired 95% CI)",
+              f"vs rank 1: {C.KEY_CLASS} Dice (paired 95% CI)"]
+    top = ranked[0]
 
-    def versus_top(i: int, arm: Arm) -> str:
-        if i == 0:
-            return "-"
-        stat = arm.mean_dice()
-        return f"{stat.mean - top.mean:+.3f}" + (" (within noise)" if within_noise(top, stat) else "")
+    def versus_top(i: int, arm: Arm, value, stat) -> str:
+        return "-" if i == 0 else difference_cell(top, arm, value, (stat(top), stat(arm)))
 
+    key_dice = class_dice_of(C.KEY_CLASS)
     rows = [[str(i + 1), a.label, fmt_stat(a.mean_dice()), ", ".join(str(r.best_epoch) for r in a.runs),
              fmt_stat(a.final_mean_dice()), fmt_stat(a.best_minus_final()), class_cell(a, C.KEY_CLASS, "dice"),
-             str(len(a.runs)), versus_top(i, a)] for i, a in enumerate(ranked)]
-    notes = ["ranked by mean Dice at the best epoch; best epoch per seed; final-epoch mean Dice is the last "
+             str(len(a.runs)), versus_top(i, a, mean_dice_of, Arm.mean_dice),
+             versus_top(i, a, key_dice, lambda arm: arm.stat(C.KEY_CLASS, "dice"))] for i, a in enumerate(ranked)]
+    notes = [METRIC_NOTE + ".", schedule_note(ranked) + ".",
+             "ranked by mean Dice at the best epoch; best epoch per seed; final-epoch mean Dice is the last "
              "epoch's, and best - final shows how much choosing the epoch on validation adds.",
-             "vs rank 1: difference in mean Dice from the first arm; (within noise): smaller than the sum of the "
-             "two arms' seed standard deviations, so the order of the two is not established (needs --seeds >= 2)."]
+             "vs rank 1: this arm minus the first, in mean Dice and in " + C.KEY_CLASS + " Dice, " + PAIRED_NOTE
+             + " The ranking orders the means; only arms distinguishable from rank 1 are established as below it."]
     return ("Ranking by mean Dice", header, rows, set(), notes)
 
 
@@ -391,6 +520,7 @@ def runs_markdown(arms: list[Arm], skipped: list[tuple[Path, str]]) -> str:
         settings = "; ".join(f"{k}={json.dumps(arm.identity.get(k))}" for k in varying)
         lines.append(f"- **{arm.label}**: {runs}" + (f"  \n  settings that differ between arms: {settings}"
                                                      if settings else ""))
+        lines += [f"  - set aside, in no statistic: `{run.name}` (seed {run.seed}): {why}" for run, why in arm.duplicates]
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- `{path}`: {reason}" for path, reason in skipped]
     return "\n".join(lines)

@@ -167,6 +167,26 @@ def lookup(table: dict, name: str, what: str):
     return table[name]
 
 
+# The named loss configurations of the loss comparison: "loss" names a class of losses.py, the rest are its
+# keyword arguments. class_weights may be "seed", a frequency scheme (needs class frequencies) or a dict.
+LOSS_CONFIGS: dict[str, dict[str, Any]] = {
+    "baseline_bce": {"loss": "BCELoss"},
+    "dice": {"loss": "DiceLoss", "batch_dice": True},
+    "dice_bce": {"loss": "DiceBCELoss"},
+    "focal": {"loss": "FocalLoss", "gamma": 2.0, "alpha": None},
+    "tversky_precision": {"loss": "TverskyLoss", "alpha": 0.7, "beta": 0.3},
+    "tversky_recall": {"loss": "TverskyLoss", "alpha": 0.3, "beta": 0.7},
+    "combo": {"loss": "ComboLoss", "dice_weight": 1.0, "focal_weight": 1.0},
+    "per_class_weighted": {"loss": "PerClassComboLoss", "class_weights": "seed"},
+    "per_class_weighted_focal": {"loss": "PerClassComboLoss", "class_weights": "seed", "bce_weight": 0.0,
+                                 "focal_weight": 1.0},
+    "per_class_tversky_precision": {"loss": "PerClassTverskyLoss", "class_weights": "seed", "alpha": 0.7,
+                                    "beta": 0.3},
+    "boundary": {"loss": "BoundaryLoss", "boundary_width": 3, "boundary_gain": 4.0},
+    "per_class_weighted_freq": {"loss": "PerClassComboLoss", "class_weights": "sqrt_inverse"},
+}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The options table
 # ----------------------------------------------------------------------------------------------------
@@ -229,6 +249,19 @@ class Option:
         return self.to_config(ctx, value) if self.to_config else value
 
 
+AUTO_BATCH_MEMORY_FRACTION = 0.85
+
+
+def batch_size_value(text: str):
+    """--batch-size: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number, or auto") from None
+
+
 def parse_loss_options(items: list[str]) -> dict:
     """`--loss-option KEY=VALUE` items as a dict: numbers as float, true/false/none as such, else strings."""
     out = {}
@@ -255,7 +288,8 @@ def _positive(text: str = "at least 1"):
 OPTIONS: tuple[Option, ...] = (
     Option("--model", "model config: unet_2d (1 slice), unet_25d (5 slices as channels), unet_3d",
            "unet_2d", choices=tuple(MODELS), field="model"),
-    Option("--loss", "named loss (`python losses.py` lists them)", "per_class_weighted", field="loss"),
+    Option("--loss", "named loss (`python losses.py` lists their settings)", "per_class_weighted",
+           choices=tuple(LOSS_CONFIGS), field="loss"),
     Option("--mode", "schedule (epochs x iterations): " + ", ".join(MODES), "quick", choices=tuple(MODES),
            field="mode"),
     Option("--profile", "hardware profile: auto (by the visible GPU), " + ", ".join(PROFILES), "auto",
@@ -276,14 +310,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("--iterations", "optimiser steps per epoch on each rank",
            Derived("the mode's", lambda ctx: ctx.mode.schedule(ctx.profile)[1]), int, field="iterations",
            rule=_positive()),
-    Option("--batch-size", "samples per step per GPU/process",
+    Option("--batch-size", "samples per step per GPU/process; auto: the largest that fits "
+           f"{AUTO_BATCH_MEMORY_FRACTION:.0%} of the GPU's memory (CUDA; the profile's on the CPU)",
            Derived("the profile's per model, e.g. 12 (2D) / 8 (2.5D) on shenron",
-                   lambda ctx: ctx.profile.batch_size[ctx.model.name]), int, field="batch_size", rule=_positive()),
+                   lambda ctx: ctx.profile.batch_size[ctx.model.name]), batch_size_value, field="batch_size",
+           rule=(lambda v: v == "auto" or v >= 1, "at least 1, or auto")),
     Option("--lr", "peak learning rate of AdamW + OneCycle", 1e-3, float, field="lr",
            rule=(lambda v: 0 < v <= 1, "in (0, 1]")),
     Option("--weight-decay", "AdamW weight decay", 1e-4, float, field="weight_decay", rule=(lambda v: v >= 0, ">= 0")),
     Option("--grad-clip", "gradient clipping norm", 1.0, float, field="grad_clip", rule=(lambda v: v > 0, "> 0")),
-    Option("--seed", "seed of initialisation and sampling", 0, int, field="seed"),
+    Option("--seed", "seed of initialisation and sampling", 0, int, field="seed", rule=(lambda v: v >= 0, ">= 0")),
     Option("--precision", "autocast precision: fp16 (GradScaler), bf16, fp32",
            Derived("the profile's on CUDA, fp32 on CPU",
                    lambda ctx: ctx.profile.precision if ctx.device == "cuda" else "fp32"),
@@ -299,6 +335,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("--depth", "UNet resolution levels", Derived("the profile's", lambda ctx: ctx.profile.depth), int,
            field="depth", rule=(lambda v: v >= 1, ">= 1")),
     Option("--norm", "normalisation layer of the UNet", "batch", choices=NORMS, field="norm"),
+    Option("--sync-bn", "synchronise BatchNorm statistics across GPUs (SyncBatchNorm; CUDA under DDP): auto = on "
+           "for 3D models, whose batches per GPU are small", "auto", choices=("auto", "on", "off"), field="sync_bn"),
+    Option("--ema", "decay of an exponential moving average of the weights, validated and saved as ema.pt every "
+           "epoch (0 = off)", 0.0, float, field="ema", rule=(lambda v: 0 <= v < 1, "in [0, 1)")),
+    Option("--max-missing-raw", "largest share of a training patch's raw that may be missing (never-fetched EM, "
+           "masked out of the loss); patches above it are drawn again", 0.25, float, field="max_missing_raw",
+           rule=(lambda v: 0 <= v < 1, "in [0, 1)")),
+    Option("--val-budget", "validation tiles per epoch, as a fraction of the epoch's training samples (a fixed "
+           "seeded subset of the tiles, the same every epoch; 0 = every tile of every validation crop)", 0.25,
+           float, field="val_budget", rule=(lambda v: v >= 0, ">= 0")),
+    Option("--val-batch-size", "validation tiles per forward pass",
+           Derived("the profile's batch size for the model", lambda ctx: ctx.profile.batch_size[ctx.model.name]),
+           int, field="val_batch_size", rule=_positive()),
+    Option("--val-patch-yx", "y/x size of validation tiles",
+           Derived("the profile's patch size", lambda ctx: ctx.profile.patch_yx), int, field="val_patch_yx",
+           rule=_positive()),
+    Option("--final-evaluation", "at the end: the best and last checkpoints on every validation crop in full "
+           "(8-nm metric) and, with official, the challenge's score at native resolution", "official",
+           choices=("none", "full", "official"), field="final_evaluation"),
     Option("--max-nonfinite", "stop after this many non-finite steps in a row", 25, int,
            field="max_consecutive_nonfinite", rule=(lambda v: v >= 1, ">= 1")),
     Option("--channels-last", "2D channels_last memory format", Derived("on for CUDA, off on CPU",
@@ -318,6 +373,8 @@ OPTIONS: tuple[Option, ...] = (
 )
 # Fields of the config that no option sets: every run trains on this grid and with this sampler balance.
 FIXED_FIELDS = {"scale_nm": TRAIN_SCALE_NM, "foreground_fraction": 0.5}
+# Fields set from where the run executes (train_local.plan_run); a resume must match them.
+RUNTIME_FIELDS = {"world_size": 1}
 
 
 def _config_methods():
@@ -345,13 +402,14 @@ def _config_methods():
                        "FIXED_FIELDS. Stored in checkpoints and results.json; compared on resume."}
 
 
-RunConfig = make_dataclass("RunConfig", [o.field for o in OPTIONS if o.field] + list(FIXED_FIELDS), frozen=True,
-                           namespace=_config_methods())
+RunConfig = make_dataclass("RunConfig", [o.field for o in OPTIONS if o.field] + list(FIXED_FIELDS) +
+                           list(RUNTIME_FIELDS), frozen=True, namespace=_config_methods())
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    """The train_local.py command line. Options default to None so that a resume can tell which were given."""
-    p = OneLineErrorParser(description=description)
+    """The train_local.py command line. Options default to None so that a resume can tell which were given;
+    abbreviations are refused (--epoch 3 is not --epochs 3)."""
+    p = OneLineErrorParser(description=description, allow_abbrev=False)
     for o in OPTIONS:
         help_text = f"{o.help} (default: {o.default_text()})" if o.default is not None else o.help
         kw = dict(action="append", default=[]) if o.repeatable else dict(type=o.type, default=None)
@@ -384,7 +442,7 @@ def build_config(args: argparse.Namespace, device: str, data_root: str) -> RunCo
     for o in OPTIONS:
         if o.rule and not o.rule[0](values[o.field]):
             raise ValueError(f"{o.flag} {values[o.field]} is out of range: must be {o.rule[1]}")
-    cfg = RunConfig(**values, **FIXED_FIELDS)
+    cfg = RunConfig(**values, **FIXED_FIELDS, **RUNTIME_FIELDS)
     check_config(cfg)
     return cfg
 
@@ -406,6 +464,9 @@ def check_config(cfg: RunConfig) -> None:
     z, y, _ = cfg.patch_shape
     if y % multiple:
         raise ValueError(f"--patch-yx {y} must be a multiple of {multiple} for a UNet of depth {cfg.depth}")
+    if cfg.val_patch_yx % multiple:
+        raise ValueError(f"--val-patch-yx {cfg.val_patch_yx} must be a multiple of {multiple} for a UNet of depth "
+                         f"{cfg.depth}")
     if MODELS[cfg.model].dims == 3 and z % multiple:
         raise ValueError(f"3D patch depth {z} must be a multiple of {multiple} for depth {cfg.depth}")
 

@@ -1,34 +1,39 @@
-"""Inference with a run's model: rebuilding it from a checkpoint, the blended sliding window over a cached
-crop, and the metrics of the sliding window over a set of crops.
+"""Inference with a run's model: rebuilding it from a checkpoint, the blended sliding window over a crop
+(streamed over z on the device), test-time augmentation and orthoplane averaging, and the 8-nm metrics of
+the sliding window over a set of crops.
 
 The sliding window tiles a crop with tiles of the training patch size that overlap by `overlap` (0.5 = half
 a tile) and blends them with Gaussian importance weights (sigma = 1/8 of the tile; tile centres, which saw
-the most context, count most); probabilities are averaged, then thresholded at 0.5 for the metrics. 2D/2.5D
-models slide over every z slice with their 1 or 5 slices of z context; 3D models slide in z too. Context
-beyond the crop comes from the raw margin stored in the cache. Inputs are cut and scaled exactly as for
-training (`cut_patch`, `to_model_inputs`).
+the most context, count most); probabilities are averaged in float32, then thresholded at 0.5 for the
+metrics. 2D/2.5D models slide over every z slice with their 1 or 5 slices of z context; 3D models slide in
+z too. Raw comes from the crop's window (the cache, or raw read on demand); missing raw is filled per tile
+as in training (sampling.cut_patch) and the labels under it are not counted. With `tta` each tile is
+predicted under the 8 dihedral transforms of its y/x plane and the probabilities averaged; with
+`orthoplane` a 2D/2.5D model predicts slices along z, y and x (the training grid is isotropic, and training
+augments every orientation of the plane) and the three are averaged: the official toolbox's default for 2D.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import config_shenron as C
-from cache import UNANNOTATED, CachedCrop
+from cache import UNANNOTATED
 from errors import RunFileError
 from metrics import ConfusionCounter
 from models import unet_for_run
 from runfiles import CHECKPOINTS, RESULTS_FILE, load_checkpoint
-from sampling import PatchSpec, cut_patch, format_sample, tile_starts, to_model_inputs
+from sampling import PatchSpec, tile_starts
 
 BLEND_SIGMA = 1 / 8    # Gaussian sigma as a fraction of the tile size (nnU-Net's choice)
 BLEND_FLOOR = 1e-3     # smallest weight: a voxel covered only by tile edges (at a crop border) still counts
-COUNT_SLAB_VOXELS = 1 << 24  # probabilities x classes counted per host-to-device transfer
+COUNT_SLAB_VOXELS = 1 << 24  # probabilities x classes per slab cut from a whole-crop prediction
 
 
 def load_run_model(run_dir, which: str = "best", device="cpu"):
@@ -81,81 +86,188 @@ def sliding_origins(crop_shape: Sequence[int], label_shape: Sequence[int], overl
                                     for length, n, step in zip(crop_shape, label_shape, steps))))
 
 
+DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))  # the 8 symmetries of the y/x plane
+ORTHOPLANES = ((0, 1, 2), (1, 0, 2), (2, 1, 0))  # model slices along z, along y, along x
+
+
+def _transform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.flip(x, dims=(-1,)) if flip else x
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def _untransform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, -k, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def _fill_missing(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per tile, missing raw = the rounded mean of its valid raw (as sampling.cut_patch does)."""
+    dims = tuple(range(1, raw.dim()))
+    count = valid.sum(dims, dtype=torch.float64)
+    mean = torch.where(count > 0, (raw.double() * valid).sum(dims) / count.clamp_min(1), 0.0).round()
+    shape = (-1,) + (1,) * (raw.dim() - 1)
+    return torch.where(valid, raw, mean.to(raw.dtype).view(shape))
+
+
+def _probabilities(model, x: torch.Tensor, autocast, tta: bool) -> torch.Tensor:
+    """sigmoid(model(x)) in float32, averaged over the 8 dihedral transforms of the y/x plane with `tta`."""
+    transforms = DIHEDRAL if tta else ((0, False),)
+    total = None
+    for k, flip in transforms:
+        with autocast():
+            logits = model(_transform(x, k, flip).contiguous())
+        probs = _untransform(torch.sigmoid(logits.float()), k, flip)
+        total = probs if total is None else total + probs
+    return total / len(transforms)
+
+
 @torch.no_grad()
-def predict_crop(model: torch.nn.Module, crop: CachedCrop, spec: PatchSpec, device, overlap: float = 0.5,
-                 batch_size: int = 4, autocast=contextlib.nullcontext, progress: bool = False) -> np.ndarray:
-    """Sliding-window probabilities float32 [C, Z, Y, X] over the crop box (see the module docstring).
+def stream_probabilities(model: torch.nn.Module, crop, spec: PatchSpec, device, overlap: float = 0.5,
+                         batch_size: int = 4, autocast=contextlib.nullcontext, tta: bool = False,
+                         progress: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """The blended sliding window over a crop, as (z0, float32 probabilities [C, dz, Y, X] on `device`)
+    slabs in z order: only the planes still open to tiles are held, so memory is bounded for any crop.
 
-    Inputs are cut and scaled exactly as for training (`cut_patch`, `to_model_inputs`). The weighted sums
-    are accumulated in float64 from float32 weights, so where one tile covers a voxel (overlap 0) the
-    result is bit-identical to that tile's sigmoid output; the sums take 8 bytes per voxel and class.
-    ValueError if the cache margin is too small for the tiles' raw context."""
-    from torch.utils.data import default_collate
-    from tqdm import tqdm
-
+    For each row of tiles (one z origin) the raw they need is read once, tiles are cut from it on the
+    device, missing raw is filled as in training, and each tile's probabilities, weighted by the Gaussian
+    map, are added into a float32 buffer with the weights; a plane is divided and emitted once no later tile
+    reaches it. With overlap 0 every voxel has one tile: the result is that tile's sigmoid output."""
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"--overlap {overlap} must be in [0, 1)")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be at least 1")
-    label_shape = spec.label_shape
-    context_z = (spec.raw_shape[0] - label_shape[0]) // 2
-    origins = sliding_origins(crop.shape, label_shape, overlap)
-    for axis in range(3):
-        shift = context_z if axis == 0 else 0
-        lo = min(o[axis] for o in origins) - shift
-        hi = max(o[axis] for o in origins) - shift + spec.raw_shape[axis]
-        if lo < -crop.margin[axis] or hi > crop.shape[axis] + crop.margin[axis]:
-            raise ValueError(f"crop {crop.name}: its cache margin {crop.margin} is too small for tiles of "
-                             f"{spec.raw_shape} (prepare the cache with cache.cache_margin for this patch size)")
-    # float32 weights widened to float64: their products with float32 probabilities are exact.
-    weights = blending_weights(label_shape).astype(np.float64)
-    total = np.zeros((len(crop.annotated),) + tuple(crop.shape), dtype=np.float64)
-    weight_sum = np.zeros(tuple(crop.shape), dtype=np.float64)
-
+    device = torch.device(device)
+    lz, ly, lx = spec.label_shape
+    context_z = (spec.raw_shape[0] - lz) // 2
+    shape = tuple(crop.shape)
+    classes = len(crop.annotated)
+    weights = torch.from_numpy(blending_weights(spec.label_shape)).to(device)
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for z, y, x in sliding_origins(shape, spec.label_shape, overlap):
+        rows.setdefault(z, []).append((y, x))
     was_training = model.training
     model.eval()
-    batches = range(0, len(origins), batch_size)
-    for first in tqdm(batches, desc=f"sliding {crop.name}", unit="batch", leave=False, disable=not progress):
-        chunk = origins[first:first + batch_size]
-        samples = [format_sample(*cut_patch(crop, (z - context_z, y, x), spec.raw_shape, label_shape), spec.dims)
-                   for z, y, x in chunk]
-        x_in, _ = to_model_inputs(default_collate(samples), device)
-        with autocast():
-            logits = model(x_in)
-        probs = torch.sigmoid(logits.float()).cpu().numpy()
-        if spec.dims == 2:
-            probs = probs[:, :, None]  # [B, C, 1, H, W]
-        for origin, tile in zip(chunk, probs):
-            inside = [slice(max(0, o), min(n, o + t)) for o, n, t in zip(origin, crop.shape, label_shape)]
-            in_tile = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin))
-            w = weights[in_tile]
-            total[(slice(None), *inside)] += tile[(slice(None), *in_tile)] * w
-            weight_sum[tuple(inside)] += w
+    lo = 0                                       # first plane not emitted yet (crop coordinates)
+    acc = torch.zeros((classes, 0) + shape[1:], device=device)
+    wsum = torch.zeros((0,) + shape[1:], device=device)
+    row_starts = sorted(rows)
+    bar = tqdm(total=sum(len(v) for v in rows.values()), desc=f"sliding {crop.name}", unit="tile", leave=False,
+               disable=not progress)
+    for r, z in enumerate(row_starts):
+        hi = min(shape[0], z + lz)
+        if hi > lo + acc.shape[1]:               # grow the buffer to the row's last plane
+            grow = hi - lo - acc.shape[1]
+            acc = torch.cat([acc, acc.new_zeros((classes, grow) + shape[1:])], 1)
+            wsum = torch.cat([wsum, wsum.new_zeros((grow,) + shape[1:])], 0)
+        _add_row(model, crop, spec, z, rows[z], context_z, lo, acc, wsum, weights, batch_size, autocast, tta, device)
+        bar.update(len(rows[z]))
+        done = min(shape[0], row_starts[r + 1] if r + 1 < len(row_starts) else shape[0])
+        if done > lo:                            # planes no later row reaches
+            n = done - lo
+            yield lo, acc[:, :n] / wsum[:n].clamp_min(1e-12)
+            acc, wsum, lo = acc[:, n:], wsum[n:], done
+    bar.close()
     model.train(was_training)
-    return (total / weight_sum).astype(np.float32)
 
 
-def count_crop(counter: ConfusionCounter, probs: np.ndarray, labels: np.ndarray) -> None:
-    """Add one crop's probabilities [C,Z,Y,X] against its cached labels (UNANNOTATED excluded), in z slabs."""
-    slab = max(1, COUNT_SLAB_VOXELS // (probs.shape[0] * probs.shape[2] * probs.shape[3]))
-    for z in range(0, probs.shape[1], slab):
-        p = torch.from_numpy(np.ascontiguousarray(probs[None, :, z:z + slab]))
-        lab = torch.from_numpy(np.array(labels[None, :, z:z + slab]))  # a copy: the cache is read-only
-        target = lab.float().masked_fill_(lab == UNANNOTATED, float("nan"))
-        counter.update_probabilities(p, target)
+def _add_row(model, crop, spec: PatchSpec, z: int, tiles, context_z: int, lo: int, acc, wsum, weights,
+             batch_size: int, autocast, tta: bool, device) -> None:
+    """Predict one row of tiles (z origin `z`) and add their weighted probabilities into the buffers, which
+    start at plane `lo`."""
+    lz, ly, lx = spec.label_shape
+    shape = tuple(crop.shape)
+    y0, x0 = min(t[0] for t in tiles), min(t[1] for t in tiles)
+    y1, x1 = max(t[0] for t in tiles) + ly, max(t[1] for t in tiles) + lx
+    raw, valid = crop.raw_window((z - context_z, y0, x0), (spec.raw_shape[0], y1 - y0, x1 - x0))
+    raw, valid = torch.from_numpy(raw).to(device), torch.from_numpy(valid).to(device)
+    for first in range(0, len(tiles), batch_size):
+        batch = tiles[first:first + batch_size]
+        cut = lambda a: torch.stack([a[:, y - y0: y - y0 + ly, x - x0: x - x0 + lx] for y, x in batch])
+        x_in = _fill_missing(cut(raw), cut(valid)).float().div_(255.0)
+        if spec.dims == 3:
+            x_in = x_in[:, None]
+        probs = _probabilities(model, x_in, autocast, tta)
+        if spec.dims == 2:
+            probs = probs[:, :, None]             # [B, C, 1, H, W]
+        for (y, x), tile in zip(batch, probs):
+            zs, ys, xs = slice(max(0, z), min(shape[0], z + lz)), slice(max(0, y), min(shape[1], y + ly)), \
+                slice(max(0, x), min(shape[2], x + lx))
+            inner = (slice(zs.start - z, zs.stop - z), slice(ys.start - y, ys.stop - y), slice(xs.start - x, xs.stop - x))
+            w = weights[inner]
+            acc[:, zs.start - lo: zs.stop - lo, ys, xs] += tile[(slice(None), *inner)] * w
+            wsum[zs.start - lo: zs.stop - lo, ys, xs] += w
 
 
-def sliding_window_report(model: torch.nn.Module, crops: Sequence[CachedCrop], spec: PatchSpec, classes, device,
-                          overlap: float, batch_size: int, autocast=contextlib.nullcontext,
-                          on_prediction: Callable[[CachedCrop, np.ndarray], None] | None = None) -> dict:
-    """Metrics report of the sliding window over `crops`, counts pooled over all of them (on `device`);
-    `on_prediction(crop, probs)` receives each crop's probabilities (to write them)."""
-    from tqdm import tqdm
+class AxisView:
+    """A crop seen with its axes in `order` (e.g. (1, 0, 2): the view's z is the crop's y), with the window
+    interface of cache.CachedCrop: a 2D model predicts slices along any axis of it (orthoplane)."""
 
+    def __init__(self, crop, order: Sequence[int]):
+        self.crop, self.order = crop, tuple(order)
+        self.inverse = tuple(int(i) for i in np.argsort(order))
+        self.name, self.annotated = f"{crop.name} (axes {order})", crop.annotated
+        self.shape = tuple(crop.shape[a] for a in order)
+
+    def _crop_box(self, start, shape):
+        return [start[i] for i in self.inverse], [shape[i] for i in self.inverse]
+
+    def raw_window(self, start, shape):
+        raw, valid = self.crop.raw_window(*self._crop_box(start, shape))
+        return raw.transpose(self.order).copy(), valid.transpose(self.order).copy()
+
+
+@torch.no_grad()
+def predict_crop(model: torch.nn.Module, crop, spec: PatchSpec, device, overlap: float = 0.5, batch_size: int = 4,
+                 autocast=contextlib.nullcontext, tta: bool = False, orthoplane: bool = False,
+                 progress: bool = False) -> np.ndarray:
+    """Sliding-window probabilities float32 [C, Z, Y, X] over the crop, on the host (`stream_probabilities`).
+    With `orthoplane` (2D/2.5D models) the average of slicing along z, y and x."""
+    if orthoplane and spec.dims != 2:
+        raise ValueError("--orthoplane averages 2D predictions along z, y and x: it needs a 2D or 2.5D model")
+    out = np.zeros((len(crop.annotated),) + tuple(crop.shape), dtype=np.float32)
+    for order in (ORTHOPLANES if orthoplane else ORTHOPLANES[:1]):
+        view = AxisView(crop, order) if order != (0, 1, 2) else crop
+        part = np.zeros((len(crop.annotated),) + tuple(view.shape), dtype=np.float32)
+        for z0, probs in stream_probabilities(model, view, spec, device, overlap, batch_size, autocast, tta, progress):
+            part[:, z0:z0 + probs.shape[1]] = probs.cpu().numpy()
+        out += part.transpose((0,) + tuple(1 + i for i in np.argsort(order)))
+    return out / (len(ORTHOPLANES) if orthoplane else 1)
+
+
+def crop_slabs(model: torch.nn.Module, crop, spec: PatchSpec, device, overlap: float, batch_size: int,
+               autocast=contextlib.nullcontext, tta: bool = False, orthoplane: bool = False,
+               progress: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """(z0, probabilities [C, dz, Y, X] on `device`) slabs of a crop: streamed, or (orthoplane) cut from the
+    averaged whole-crop prediction, which then is the one full-size float32 array held."""
+    if not orthoplane:
+        yield from stream_probabilities(model, crop, spec, device, overlap, batch_size, autocast, tta, progress)
+        return
+    probs = predict_crop(model, crop, spec, device, overlap, batch_size, autocast, tta, True, progress)
+    step = max(1, COUNT_SLAB_VOXELS // (probs.shape[0] * probs.shape[2] * probs.shape[3]))
+    for z0 in range(0, probs.shape[1], step):
+        yield z0, torch.from_numpy(probs[:, z0:z0 + step]).to(device)
+
+
+def labels_for_counting(crop, z0: int, depth: int) -> torch.Tensor:
+    """Target [1, C, dz, Y, X] of a crop's z slab: labels, NaN where unannotated or where raw is missing
+    (as training and the training tiling count them)."""
+    labels = crop.label_window((z0, 0, 0), (depth,) + tuple(crop.shape[1:]))
+    valid = crop.raw_window((z0, 0, 0), (depth,) + tuple(crop.shape[1:]))[1]
+    target = torch.from_numpy(labels).float().masked_fill_(torch.from_numpy((labels == UNANNOTATED) | ~valid),
+                                                            float("nan"))
+    return target[None]
+
+
+def sliding_window_report(model: torch.nn.Module, crops: Sequence, spec: PatchSpec, classes, device,
+                          overlap: float, batch_size: int, autocast=contextlib.nullcontext, tta: bool = False,
+                          orthoplane: bool = False,
+                          on_slab: Callable[[object, int, torch.Tensor], None] | None = None) -> dict:
+    """Metrics report of the sliding window over `crops` (8-nm training grid), counts pooled over all of them
+    on `device`; `on_slab(crop, z0, probs)` also receives every slab (to write or score it)."""
     counter = ConfusionCounter(len(classes), device)
     for crop in tqdm(crops, desc="sliding window", unit="crop"):
-        probs = predict_crop(model, crop, spec, device, overlap, batch_size, autocast, progress=True)
-        count_crop(counter, probs, crop.labels)
-        if on_prediction is not None:
-            on_prediction(crop, probs)
+        for z0, probs in crop_slabs(model, crop, spec, device, overlap, batch_size, autocast, tta, orthoplane, True):
+            counter.update_probabilities(probs[None], labels_for_counting(crop, z0, probs.shape[1]).to(device))
+            if on_slab is not None:
+                on_slab(crop, z0, probs)
     return counter.compute(classes)

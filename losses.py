@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from config_shenron import ALL_CLASSES as CLASSES  # challenge classes, channel order of every target
+from config_shenron import LOSS_CONFIGS  # the named configurations (data, no torch: the command lines check names)
 from loss_kernels import Batch, boundary_weights, flatten_batch, focal_sums, masked_class_sums, safe_divide, tversky
 
 # The seed's hand-set class weights (larger for the classes it found hard).
@@ -409,26 +410,6 @@ LOSS_CLASSES: dict[str, type[_CompoundLoss]] = {
     cls.__name__: cls for cls in (BCELoss, DiceLoss, DiceBCELoss, FocalLoss, TverskyLoss, ComboLoss,
                                   PerClassComboLoss, PerClassTverskyLoss, BoundaryLoss)
 }
-
-# Named configurations of the loss comparison: "loss" names the class, the rest are its keyword
-# arguments. class_weights may be "seed", a frequency scheme (needs class_frequencies) or a dict.
-LOSS_CONFIGS: dict[str, dict[str, Any]] = {
-    "baseline_bce": {"loss": "BCELoss"},
-    "dice": {"loss": "DiceLoss", "batch_dice": True},
-    "dice_bce": {"loss": "DiceBCELoss"},
-    "focal": {"loss": "FocalLoss", "gamma": 2.0, "alpha": None},
-    "tversky_precision": {"loss": "TverskyLoss", "alpha": 0.7, "beta": 0.3},
-    "tversky_recall": {"loss": "TverskyLoss", "alpha": 0.3, "beta": 0.7},
-    "combo": {"loss": "ComboLoss", "dice_weight": 1.0, "focal_weight": 1.0},
-    "per_class_weighted": {"loss": "PerClassComboLoss", "class_weights": "seed"},
-    "per_class_weighted_focal": {"loss": "PerClassComboLoss", "class_weights": "seed", "bce_weight": 0.0,
-                                 "focal_weight": 1.0},
-    "per_class_tversky_precision": {"loss": "PerClassTverskyLoss", "class_weights": "seed", "alpha": 0.7,
-                                    "beta": 0.3},
-    "boundary": {"loss": "BoundaryLoss", "boundary_width": 3, "boundary_gain": 4.0},
-    "per_class_weighted_freq": {"loss": "PerClassComboLoss", "class_weights": "sqrt_inverse"},
-}
-
 
 def _resolve_class_weights(spec, classes: Sequence[str], class_frequencies: Mapping[str, float] | None):
     """(weights dict or None, source label) for a class_weights spec."""

@@ -207,6 +207,14 @@ class ConfusionCounter:
             "sweep_note": SWEEP_NOTE,
         }
 
+    def sweep_counts(self) -> list[dict[float, tuple[int, int, int]]]:
+        """Per class, {sweep threshold: (TP, FP, FN)} of the pooled counts (to tune thresholds elsewhere)."""
+        at_or_above = self.sweep_histogram.flip(-1).cumsum(-1).flip(-1)[..., 1:].cpu()
+        fp_at, tp_at = at_or_above.tolist()
+        positives = (self.tp + self.fn).tolist()
+        return [{t: (tp, fp, positives[c] - tp) for t, tp, fp in zip(self.sweep_thresholds, tp_at[c], fp_at[c])}
+                for c in range(self.num_classes)]
+
     def _best_threshold(self, tp_at: list[int], fp_at: list[int], metrics: dict) -> dict:
         if metrics["status"] == "absent":
             return {"best_threshold": None, "best_dice": None, "dice_at_default": None}

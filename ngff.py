@@ -4,6 +4,10 @@ and the metadata that writing one needs.
 Coordinates follow OME-NGFF: a level's translation is the physical centre of its first voxel, so a 2x level
 is offset by half a fine voxel (cellmap-data reads it as the corner). Every spatial tuple is (z, y, x) in nm.
 The training grid at voxel size `scale` has voxel j centred at j * scale.
+
+Only arrays stored z, y, x are read (CellMap's layout). An array whose metadata lists another axis order is
+refused with the fix, not transposed: metadata and data cannot be told apart when only one of them is
+reversed, and every reader here indexes [z, y, x].
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from errors import DataError
+
+ZYX = ("z", "y", "x")  # the one axis order read: arrays are indexed [z, y, x] everywhere
 
 
 @dataclass(frozen=True)
@@ -30,11 +36,18 @@ class Level:
         s, t, n = np.array(self.scale), np.array(self.translation), np.array(self.shape)
         return t - s / 2, t + (n - 0.5) * s
 
+    def extent_text(self) -> str:
+        """The world box for messages: `[z0..z1, y0..y1, x0..x1] nm`."""
+        return "[" + ", ".join(f"{a:g}..{b:g}" for a, b in zip(*self.extent())) + "] nm"
+
 
 def read_levels(group_path: str | Path) -> list[Level]:
-    """Scale levels of one OME-NGFF multiscale group, finest first; DataError if malformed."""
-    import zarr
-
+    """Scale levels of one OME-NGFF multiscale group, finest first. DataError, naming the file, the level and
+    the fix, for metadata that would misplace or mis-scale the data: axes other than z, y, x (the readers
+    index arrays in that order, so any other order is refused rather than reinterpreted), an array that is
+    not 3-D, a voxel size that is not finite and positive or a translation that is not finite, and a level
+    whose shape does not cover the finest level's extent within one of its own voxels (the 2x rule of a
+    pyramid, for any factor: a level's shape must agree with its scale)."""
     group_path = Path(group_path)
     attrs_file = group_path / ".zattrs"
     if not group_path.is_dir():
@@ -42,34 +55,72 @@ def read_levels(group_path: str | Path) -> list[Level]:
     try:
         multiscales = json.loads(attrs_file.read_text())["multiscales"][0]
         datasets = multiscales["datasets"]
+        axes = tuple(a["name"] if isinstance(a, dict) else str(a) for a in multiscales.get("axes", ZYX))
     except (OSError, KeyError, IndexError, TypeError, json.JSONDecodeError):
         raise DataError(f"{attrs_file}: missing or invalid OME-NGFF 'multiscales' metadata "
                         f"(each CellMap array group needs multiscales[0].datasets with scale/translation)")
-    axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscales.get("axes", ["z", "y", "x"])]
-    spatial = [i for i, a in enumerate(axes) if a in ("z", "y", "x")]
-    order = [spatial[[axes[i] for i in spatial].index(a)] for a in ("z", "y", "x")] if len(spatial) == 3 else None
-    if order is None:
-        raise DataError(f"{attrs_file}: expected spatial axes z, y, x, found {axes}")
-    levels = []
-    for ds in datasets:
-        scale, trans = None, [0.0] * len(axes)
-        for tx in ds.get("coordinateTransformations", []):
-            if tx.get("type") == "scale":
-                scale = tx["scale"]
-            elif tx.get("type") == "translation":
-                trans = tx["translation"]
-        if scale is None:
-            raise DataError(f"{attrs_file}: level {ds.get('path')!r} has no scale transformation")
-        try:
-            arr = zarr.open_array(str(group_path / ds["path"]), mode="r")
-        except Exception:
-            raise DataError(f"zarr array missing or unreadable: {group_path / ds['path']}")
-        shape = tuple(int(arr.shape[len(arr.shape) - len(axes) + i]) for i in order)
-        levels.append(Level(str(group_path / ds["path"]), tuple(float(scale[i]) for i in order),
-                            tuple(float(trans[i]) for i in order), shape, str(arr.dtype)))
+    if axes != ZYX:
+        raise DataError(f"{attrs_file}: axes {', '.join(axes)}; only arrays stored z, y, x are read (transpose the "
+                        f"arrays, their scale and translation to z, y, x; if the data is stored z, y, x already, "
+                        f"correct the axes in the metadata)")
+    levels = sorted((_read_level(group_path, ds) for ds in datasets), key=lambda lv: np.prod(lv.scale))
     if not levels:
         raise DataError(f"{attrs_file}: multiscales lists no datasets")
-    return sorted(levels, key=lambda lv: np.prod(lv.scale))
+    _check_level_extents(group_path, levels)
+    return levels
+
+
+def _read_level(group_path: Path, dataset: dict) -> Level:
+    """One `multiscales[0].datasets` entry with its array's shape and dtype; DataError if unusable."""
+    import zarr
+
+    where = f"{group_path / '.zattrs'}: level {dataset.get('path')!r}"
+    scale, translation = None, [0.0, 0.0, 0.0]
+    for tx in dataset.get("coordinateTransformations", []):
+        if tx.get("type") == "scale":
+            scale = tx.get("scale")
+        elif tx.get("type") == "translation":
+            translation = tx.get("translation")
+    if scale is None:
+        raise DataError(f"{where} has no scale transformation")
+    try:
+        scale, translation = tuple(map(float, scale)), tuple(map(float, translation))
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: scale {scale!r} and translation {translation!r} must be lists of numbers") from None
+    if len(scale) != 3 or len(translation) != 3:
+        raise DataError(f"{where}: scale {list(scale)} and translation {list(translation)} need one value per axis "
+                        f"(z, y, x)")
+    # A voxel size of 0, NaN or below 0 puts every voxel nowhere or mirrored: the targets would be silently wrong.
+    if not all(np.isfinite(s) and s > 0 for s in scale):
+        raise DataError(f"{where} has voxel size (scale) {list(scale)} nm; every voxel size must be finite and "
+                        f"positive (fix the level's scale transformation)")
+    if not all(np.isfinite(translation)):
+        raise DataError(f"{where} has translation {list(translation)} nm; every translation must be finite")
+    try:
+        arr = zarr.open_array(str(group_path / dataset["path"]), mode="r")
+    except Exception:
+        raise DataError(f"zarr array missing or unreadable: {group_path / str(dataset.get('path'))}") from None
+    if arr.ndim != 3:
+        raise DataError(f"{where}: the array {group_path / dataset['path']} has {arr.ndim} dimensions; the axes "
+                        f"z, y, x need 3")
+    return Level(str(group_path / dataset["path"]), scale, translation, tuple(int(n) for n in arr.shape),
+                 str(arr.dtype))
+
+
+def _check_level_extents(group_path: Path, levels: Sequence[Level]) -> None:
+    """Every level covers the finest level's box within one of its own voxels (a downsampled size rounds up
+    or down); otherwise a shape or a scale in the metadata is wrong."""
+    finest = levels[0]
+    lo0, hi0 = finest.extent()
+    for level in levels[1:]:
+        lo, hi = level.extent()
+        tolerance = np.array(level.scale) * (1 + 1e-6)
+        if np.any(np.abs(lo - lo0) > tolerance) or np.any(np.abs(hi - hi0) > tolerance):
+            raise DataError(f"{group_path}: level {Path(level.path).name!r} (shape {level.shape}, scale "
+                            f"{list(level.scale)} nm) covers {level.extent_text()} but level "
+                            f"{Path(finest.path).name!r} (shape {finest.shape}, scale {list(finest.scale)} nm) covers "
+                            f"{finest.extent_text()}; a level's shape must agree with its scale (fix the scale in the "
+                            f"metadata or the array)")
 
 
 def multiscales_attrs(levels) -> dict:

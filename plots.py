@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import config_shenron as C
-from cache import UNANNOTATED, cache_margin, prepare_cache
+from cache import UNANNOTATED, prepare_cache
 from comparison import UPSTREAM_BASELINE, Arm, Run
 from datasplit import read_datasplit
 from errors import DataError
@@ -179,8 +179,7 @@ def _validation_crops(run: Run, cfg) -> dict:
     if not run.datasplit:
         raise DataError(f"{run.directory / RESULTS_FILE} names no datasplit")
     entries = read_datasplit(run.datasplit)
-    margin = cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape)
-    cache = prepare_cache(entries, cfg.classes, cfg.scale_nm, margin)
+    cache = prepare_cache(entries, cfg.classes, cfg.scale_nm, workers=cfg.workers)
     return {crop.name: crop for crop in cache.split("validate")}
 
 
@@ -198,7 +197,7 @@ def choose_slices(crops: dict, classes: list[str], panel_classes: list[str]) -> 
             continue
         small = [c for c in holders if np.prod(c.shape) <= PANEL_MAX_CROP_VOXELS]
         crop = max(small, key=lambda c: c.positives[ci]) if small else min(holders, key=lambda c: np.prod(c.shape))
-        per_slice = (np.asarray(crop.labels[ci]) == 1).sum(axis=(1, 2))
+        per_slice = (crop.labels[ci] == 1).sum(axis=(1, 2))
         present = np.nonzero(per_slice)[0]
         picks = np.linspace(0, len(present) - 1, PANEL_SLICES_PER_CLASS + 2)[1:-1].round().astype(int)
         rows += [(cls, crop.name, int(present[i])) for i in dict.fromkeys(picks.tolist())]
@@ -248,9 +247,8 @@ def write_panel(arms: list[Arm], panel_classes: list[str], path: Path, which: st
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.7 * cols, 2.8 * len(rows) + 0.6), squeeze=False)
     for r, (cls, name, z) in enumerate(rows):
         crop = crops[name]
-        m = crop.margin
-        raw = np.asarray(crop.raw[z + m[0], m[1]:m[1] + crop.shape[1], m[2]:m[2] + crop.shape[2]])
-        truth = np.asarray(crop.labels[classes.index(cls), z])
+        raw = crop.raw_window((z, 0, 0), (1,) + tuple(crop.shape[1:]))[0][0]
+        truth = crop.label_window((z, 0, 0), (1,) + tuple(crop.shape[1:]))[classes.index(cls), 0]
         annotated, positive = truth != UNANNOTATED, truth == 1
         unannotated = (~annotated, (0.5, 0.5, 0.5))
         axes[r, 0].imshow(raw, cmap="gray", vmin=0, vmax=255)

@@ -1,5 +1,6 @@
-"""A run folder's files: atomic writes of checkpoints and results.json, safe loading, RNG state capture, the
-folder's name, reading a run back for `--resume`, and the recorder that rank 0 writes a run's files with.
+"""A run folder's files: atomic writes of checkpoints and results.json, safe loading, RNG state capture,
+creating the folder under a free name, reading a run back for `--resume`, and the recorder that rank 0 writes
+a run's files with.
 
     runs/<run_name>/results.json   status, config, data report, history, best metrics, failure
     runs/<run_name>/last.pt        every epoch: everything needed to resume (model, optimiser, scheduler,
@@ -7,16 +8,22 @@ folder's name, reading a run back for `--resume`, and the recorder that rank 0 w
     runs/<run_name>/tensorboard/   per-step loss and learning rate, per-epoch validation Dice
 
 A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the target, so a kill
-at any moment leaves either the previous complete file or the new complete file, never a torn one.
+at any moment leaves either the previous complete file or the new complete file, never a torn one. A write
+that fails (a full disk, Ctrl-C) removes its temporary file and leaves the previous file as it was.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
 import errno
+import itertools
 import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +37,43 @@ from errors import RunFileError
 
 CHECKPOINT_FORMAT_VERSION = 1
 RESULTS_FILE = "results.json"
-CHECKPOINTS = ("best", "last")
+CHECKPOINTS = ("best", "last", "ema")  # ema.pt: the moving average of the weights (--ema)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Atomic files
 # ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C and SIGTERM wait until a run file is written: arriving inside torch.save they would surface as a
+    RuntimeError from its writer instead of the interruption they are. While writing, the main thread's
+    handlers only note the signal; the previous handler then runs on it. (Blocking the signal would not do:
+    other threads, e.g. TensorBoard's writer, would still take it.) Other threads write without deferral."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in noted[:1]:
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    path = Path(path)
+    with _interrupts_deferred():
+        _write_and_rename(Path(path), write, mode)
+
+
+def _write_and_rename(path: Path, write: Callable[[Any], None], mode: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, mode) as f:
@@ -50,12 +86,37 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as err:
+    except BaseException as err:  # Ctrl-C and torch.save's RuntimeError included
+        # A temporary file left behind would keep a full disk full (and the failure unrecordable).
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise RunFileError(f"disk full while writing {path} (free space on {path.parent}; the previous "
-                               f"{path.name} is intact)") from None
-        raise RunFileError(f"cannot write {path}: {err.strerror} (check permissions of {path.parent})") from None
+        if _is_disk_full(err):
+            raise RunFileError(_disk_full_message(path, written)) from None
+        if isinstance(err, OSError):
+            raise RunFileError(f"cannot write {path}: {err.strerror} (check permissions of {path.parent})") from None
+        raise
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether ENOSPC (or a full quota) caused `err`: torch.save reports a failed write as a RuntimeError
+    ("unexpected pos ...") raised while handling the OSError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _disk_full_message(path: Path, written: int) -> str:
+    """The line for a write that did not fit: the space it needs (the size of the file it replaces, at least
+    what was written before the disk filled up) and the space left."""
+    needed = max(written, path.stat().st_size if path.exists() else 0)
+    free = shutil.disk_usage(path.parent).free
+    kept = f"; the previous {path.name} is intact" if path.exists() else ""
+    return (f"disk full while writing {path}: about {needed / 1e6:,.2f} MB needed, {free / 1e6:,.2f} MB free on "
+            f"{path.parent} (free some space{kept})")
 
 
 def save_json(path: Path, data: dict) -> None:
@@ -123,16 +184,22 @@ def check_writable(directory: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Run folders
 # ----------------------------------------------------------------------------------------------------
-def new_run_dir(out_dir: Path, cfg, run_name: str | None) -> Path:
-    """A folder name under `out_dir` that is not taken: `run_name` or <model>-<loss>-s<seed>-<time>, with
-    -2, -3, ... appended when it exists (a run folder is never overwritten)."""
+def create_run_dir(out_dir: Path, cfg, run_name: str | None) -> Path:
+    """Create a new run folder under `out_dir` and return it: `run_name` or <model>-<loss>-s<seed>-<time>, with
+    -2, -3, ... appended while the name is taken. Checking a name and taking it are one step (mkdir fails on
+    an existing folder), so runs racing for one name get a folder each and never touch another's."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = run_name or f"{cfg.model}-{cfg.loss}-s{cfg.seed}-{stamp}"
-    candidate, n = out_dir / base, 1
-    while candidate.exists():
-        n += 1
-        candidate = out_dir / f"{base}-{n}"
-    return candidate
+    for n in itertools.count(1):
+        candidate = out_dir / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RunFileError(f"cannot create the run folder {candidate}: {err.strerror} (choose another "
+                               f"--out-dir)") from None
 
 
 @dataclass
@@ -160,6 +227,21 @@ def read_run(run_dir: Path) -> StoredRun:
                            f"start a new run instead of --resume") from None
 
 
+def restore_best_checkpoint(run_dir: Path, last_state: dict) -> str | None:
+    """For a resumed run whose best.pt is gone: copy last.pt to best.pt when last.pt holds the best epoch.
+    Returns the line to show, or None when best.pt is there or no epoch has been best yet."""
+    best, best_epoch = run_dir / "best.pt", last_state.get("best_epoch")
+    if best.is_file() or best_epoch is None:
+        return None
+    if best_epoch == last_state["epoch"]:
+        with open(run_dir / "last.pt", "rb") as last:
+            _atomic_write(best, lambda f: shutil.copyfileobj(last, f), "wb")
+        return f"{best} was missing: restored it from last.pt, which holds the best epoch ({best_epoch})"
+    return (f"warning: {best} is missing: the best so far, epoch {best_epoch} (mean Dice "
+            f"{last_state['best']['mean_dice']:.4f}), cannot be restored; best.pt is written again when a later epoch "
+            f"beats it, until then evaluate the run with --checkpoint last")
+
+
 def complete_from_checkpoint(run: StoredRun, state: dict) -> bool:
     """A run whose last.pt holds its final epoch: complete results.json from it if a kill came between the
     two writes. Returns True when results.json was completed, False when it already was."""
@@ -177,23 +259,40 @@ class RunRecorder:
 
     def __init__(self, run_dir: Path, results: dict, is_main: bool):
         self.run_dir, self.results, self.is_main = run_dir, results, is_main
+        # What results.json holds: a failure is recorded on top of it. `results` itself may run ahead (its
+        # history is the caller's list, appended to before the epoch's checkpoints are written).
+        self.recorded = copy.deepcopy(results)
         self.writer = None
+        # failure_rank<N>.txt files from before this attempt (a resumed run's earlier failure) are not its own;
+        # the second of slack covers file systems whose timestamps lag the clock.
+        self.started = time.time() - 1.0
 
     def open(self, new_run: bool) -> None:
-        """Create the folder (a new run) and write the first results.json; RunFileError if that fails,
-        leaving no half-made new folder behind."""
+        """Write the first results.json into the run folder (`create_run_dir` made a new run's) and start
+        TensorBoard. RunFileError if the write fails (e.g. a full disk), after removing a new run's folder if
+        it is still empty: only what this run created, never a file of another."""
         if not self.is_main:
             return
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=not new_run)
-            save_json(self.run_dir / RESULTS_FILE, self.results)
-        except (OSError, RunFileError) as err:  # e.g. a full disk
+            self._save_results()
+        except RunFileError:
             if new_run:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise RunFileError(str(err)) from None
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
+            raise
         from torch.utils.tensorboard import SummaryWriter  # slow to import: only rank 0 of a run needs it
 
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def save_ema(self, state: dict) -> None:
+        """ema.pt: a checkpoint whose model is the moving average of the weights (evaluate.py --checkpoint ema)."""
+        if self.is_main:
+            save_checkpoint(self.run_dir / "ema.pt", state)
+
+    def save(self) -> None:
+        """Write results.json as it stands (rank 0)."""
+        if self.is_main:
+            self._save_results()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
@@ -208,7 +307,7 @@ class RunRecorder:
             save_checkpoint(self.run_dir / "best.pt", state)
         save_checkpoint(self.run_dir / "last.pt", state)
         self.results.update(**fields)
-        save_json(self.run_dir / RESULTS_FILE, self.results)
+        self._save_results()
         self.scalar("val/mean_dice", report["mean_dice"] or 0.0, epoch)
         if train_loss is not None:
             self.scalar("train/epoch_loss", train_loss, epoch)
@@ -217,23 +316,36 @@ class RunRecorder:
                 self.scalar(f"val_dice/{cls}", m["dice"], epoch)
         self.writer.flush()
 
-    def record_failure(self, reason: str, rank: int, elapsed_seconds: float) -> tuple[str, bool]:
+    def record_failure(self, reason: str, rank: int, elapsed_seconds: float, world_size: int = 1,
+                       lost_peer: bool = False) -> tuple[str, bool]:
         """Record a failed run: a rank other than 0 leaves its reason in failure_rank<N>.txt; rank 0 adds the
-        peers' reasons and writes results.json with status 'failed'. Returns (the full reason, whether a
-        peer had failed)."""
+        peers' reasons and rewrites results.json as last written (the epochs of the last checkpoint) with
+        status 'failed'. When rank 0 failed because it lost a peer (`lost_peer`: a collective broke), the
+        peers come first, and those that left no reason are named as stopped without one (killed by SIGKILL or
+        the out-of-memory killer, or crashed). Returns (the full reason, whether a peer failed or was lost)."""
         if rank != 0:
             (self.run_dir / f"failure_rank{rank}.txt").write_text(reason + "\n")
             return reason, False
-        time.sleep(0.5)  # let a failing peer finish writing its reason
-        peers = sorted(self.run_dir.glob("failure_rank*.txt"))
-        if peers:
-            reason += " | " + " | ".join(f"{p.stem}: {p.read_text().strip()}" for p in peers)
-        self.results.update(status="failed", failure=reason, elapsed_seconds=elapsed_seconds)
+        if world_size > 1:
+            time.sleep(0.5)  # let a failing peer finish writing its reason
+        peers = {int(p.stem[len("failure_rank"):]): p.read_text().strip()
+                 for p in self.run_dir.glob("failure_rank*.txt") if p.stat().st_mtime >= self.started}
+        parts = [f"rank {r}: {text}" for r, text in sorted(peers.items())]
+        silent = [str(r) for r in range(1, world_size) if r not in peers] if lost_peer else []
+        if silent:
+            parts.insert(0, f"rank {', '.join(silent)} stopped without recording a reason (killed by SIGKILL or the "
+                            f"out-of-memory killer, or crashed: see its output)")
+        reason = " | ".join(parts + [f"rank 0: {reason}"] if lost_peer else [reason] + parts)
+        self.recorded.update(status="failed", failure=reason, elapsed_seconds=elapsed_seconds)
         try:
-            save_json(self.run_dir / RESULTS_FILE, self.results)
+            save_json(self.run_dir / RESULTS_FILE, self.recorded)
         except RunFileError as write_err:  # e.g. the disk that stopped the run is still full
             reason += f" (and the failure could not be recorded: {write_err})"
-        return reason, bool(peers)
+        return reason, bool(peers) or lost_peer
+
+    def _save_results(self) -> None:
+        save_json(self.run_dir / RESULTS_FILE, self.results)
+        self.recorded = copy.deepcopy(self.results)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,11 +1,11 @@
-"""Patch sampling: what a model consumes (`PatchSpec`), training patches with class-balanced centres and
-dihedral augmentation (`TrainPatches`, keyed by `EpochSampler`), deterministic validation tiles over every
-validation crop (`ValidationTiles`), the loaders, and the conversion of a compact uint8 batch into model
-inputs (`to_model_inputs`).
+"""Patch sampling: what a model consumes (`PatchSpec`), training patches with class-balanced centres placed
+where raw EM exists, and dihedral augmentation (`TrainPatches`, keyed by `EpochSampler`), deterministic
+validation tiles (`ValidationTiles`: every validation crop in full, or a fixed seeded subset), the loaders,
+and the conversion of a compact uint8 batch into model inputs (`to_model_inputs`).
 
 2D patches hold 1 slice, 2.5D patches 5 slices centred on the target slice, 3D patches (D, H, W). Raw
-context beyond a crop comes from the cache's margin; labels beyond a crop are UNANNOTATED (NaN in the
-target), so they count in no loss or metric.
+context beyond a crop comes from around it where EM was fetched; labels beyond a crop, and under missing
+raw, are UNANNOTATED (NaN in the target), so they count in no loss or metric.
 
 Why not cellmap-data for sampling (facts page, section 4): it decodes ~25 zarr chunks per array per
 sample (12-21 samples/s on 2 cores), its `transpose`/`rotate` transforms are wrong for 2D patches, its
@@ -15,37 +15,40 @@ sampler ignores the DDP rank, and it drops crops silently. It is kept as a refer
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache import UNANNOTATED, CachedCrop, CropCache
+from crop_prep import BLOCK
 from errors import DataError
 
+MAX_DRAWS = 20  # redraws of a training patch whose raw is too much missing
 
-def cut_patch(crop: CachedCrop, start: Sequence[int], raw_shape: Sequence[int],
-              label_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Raw [Dr,H,W] starting at crop-coordinate `start` and labels [C,Dl,H,W] for the same y/x window
-    whose z extent is centred in the raw's (Dl = 1 for 2D/2.5D). Labels outside the crop = UNANNOTATED."""
-    m = crop.margin
-    z0, y0, x0 = start
-    raw = np.array(crop.raw[z0 + m[0]: z0 + m[0] + raw_shape[0], y0 + m[1]: y0 + m[1] + raw_shape[1],
-                              x0 + m[2]: x0 + m[2] + raw_shape[2]])
-    lz0 = z0 + (raw_shape[0] - label_shape[0]) // 2
-    lab_start = (lz0, y0, x0)
-    labels = np.full((crop.labels.shape[0],) + tuple(label_shape), UNANNOTATED, dtype=np.uint8)
-    src, dst = [], []
-    for a in range(3):
-        lo, hi = max(0, lab_start[a]), min(crop.shape[a], lab_start[a] + label_shape[a])
-        if hi <= lo:
-            return raw, labels
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - lab_start[a], hi - lab_start[a]))
-    labels[(slice(None), *dst)] = crop.labels[(slice(None), *src)]
-    return raw, labels
+
+class Patch(NamedTuple):
+    raw: np.ndarray        # uint8 [Dr, H, W]; missing raw filled with the mean of the patch's valid raw
+    labels: np.ndarray     # uint8 [C, Dl, H, W]; UNANNOTATED where unannotated, beyond the crop, or raw missing
+    missing: float         # fraction of the raw that is missing (no fetched EM)
+
+
+def cut_patch(crop: CachedCrop, start: Sequence[int], raw_shape: Sequence[int], label_shape: Sequence[int]) -> Patch:
+    """Raw [Dr,H,W] starting at crop-coordinate `start` and labels [C,Dl,H,W] for the same y/x window, their
+    z extent centred in the raw's (Dl = 1 for 2D/2.5D). Where raw EM is missing the labels carry no
+    supervision, and the raw is filled with the mean of the valid raw rather than zeros, which read as dark
+    membrane in EM."""
+    raw, valid = crop.raw_window(start, raw_shape)
+    lz = (raw_shape[0] - label_shape[0]) // 2
+    labels = crop.label_window((start[0] + lz, start[1], start[2]), label_shape)
+    labels[:, ~valid[lz: lz + label_shape[0]]] = UNANNOTATED
+    missing = 1.0 - float(valid.mean())
+    if 0 < missing < 1:
+        raw[~valid] = int(round(float(raw[valid].mean())))
+    return Patch(raw, labels, missing)
 
 
 def augment(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator, flip_z: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -100,45 +103,123 @@ class EpochSampler(Sampler):
         return self.num_samples
 
 
+class UsableCentres:
+    """Where a training patch of `raw_shape` may be centred in a crop with at most `max_missing` of its raw
+    missing: the BLOCK^3 blocks of the crop whose patch footprint (in blocks) is covered at least
+    1 - max_missing on average (an estimate, checked exactly when a patch is cut), and inside the crop."""
+
+    def __init__(self, crop: CachedCrop, raw_shape: Sequence[int], max_missing: float):
+        from scipy.ndimage import uniform_filter
+
+        coverage, self.origin = crop.coverage_blocks
+        half = [2 * max(0, math.ceil(p / 2 / BLOCK - 0.5)) + 1 for p in raw_shape]
+        score = uniform_filter(coverage, size=half, mode="constant", cval=0.0)
+        # in-crop voxels of every block, per axis
+        spans = []
+        for a in range(3):
+            lo = self.origin[a] + np.arange(coverage.shape[a]) * BLOCK
+            spans.append((np.maximum(lo, 0), np.minimum(lo + BLOCK, crop.shape[a])))
+        sizes = [np.clip(hi - lo, 0, None) for lo, hi in spans]
+        volume = sizes[0][:, None, None] * sizes[1][None, :, None] * sizes[2][None, None, :]
+        self.usable = (score >= 1 - max_missing - 1e-6) & (volume > 0)
+        self.spans = spans
+        self.block_volume = np.where(self.usable, volume, 0).astype(np.float64)
+        self.volume = float(self.block_volume.sum())
+        self.best = np.unravel_index(int(np.argmax(np.where(volume > 0, score, -1))), score.shape)
+
+    def block_of(self, coords: np.ndarray) -> np.ndarray:
+        return (np.asarray(coords) - self.origin) // BLOCK
+
+    def contains(self, coords: np.ndarray) -> np.ndarray:
+        """[N] whether each crop voxel (z, y, x) lies in a usable block."""
+        blocks = self.block_of(coords)
+        inside = np.all((blocks >= 0) & (blocks < self.usable.shape), axis=1)
+        ok = np.zeros(len(coords), dtype=bool)
+        ok[inside] = self.usable[tuple(blocks[inside].T)]
+        return ok
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """A uniform usable centre (crop coordinates)."""
+        flat = self.block_volume.ravel()
+        block = np.unravel_index(int(rng.choice(len(flat), p=flat / self.volume)), self.usable.shape)
+        return np.array([rng.integers(self.spans[a][0][block[a]], self.spans[a][1][block[a]]) for a in range(3)])
+
+    def fallback(self) -> np.ndarray:
+        """The centre of the best-covered block (a patch there is checked when the sampler is built)."""
+        return np.array([(self.spans[a][0][self.best[a]] + self.spans[a][1][self.best[a]] - 1) // 2
+                         for a in range(3)])
+
+
 class TrainPatches(Dataset):
-    """Class-balanced random patches from the training crops.
+    """Class-balanced random patches from the training crops, placed where raw EM exists.
 
     With probability `foreground_fraction` a sample is centred on a stored foreground voxel of a class
-    drawn uniformly among classes with training positives (then a crop drawn uniformly among crops
-    holding that class); otherwise a crop is drawn in proportion to its volume and the centre uniformly
-    inside it. The centre voxel is the target slice for 2D/2.5D. Different ranks get different samples.
+    drawn uniformly among classes with usable training positives (then a crop drawn uniformly among crops
+    holding that class); otherwise a crop is drawn in proportion to its usable volume and the centre
+    uniformly in it. A patch whose raw is more than `max_missing` missing is drawn again (MAX_DRAWS times at
+    most, then the crop's best-covered centre, checked when the sampler is built); a crop with no usable
+    centre is left out (`unusable`). The centre voxel is the target slice for 2D/2.5D. Different ranks get
+    different samples.
     """
 
     def __init__(self, cache: CropCache, spec: PatchSpec, seed: int, rank: int = 0,
-                 foreground_fraction: float = 0.5, augment: bool = True):
-        self.crops = cache.split("train")
-        if not self.crops:
-            raise DataError("no training crops left after preparation (see the data report)")
+                 foreground_fraction: float = 0.5, augment: bool = True, max_missing: float = 0.25):
         self.spec, self.seed, self.rank = spec, seed, rank
-        self.foreground_fraction, self.augment = foreground_fraction, augment
-        holders = np.stack([c.positives > 0 for c in self.crops])  # [crops, C]
+        self.foreground_fraction, self.augment, self.max_missing = foreground_fraction, augment, max_missing
+        self.crops, self.centres, self.unusable = [], [], []
+        for crop in cache.split("train"):
+            centres = UsableCentres(crop, spec.raw_shape, max_missing)
+            start = centres.fallback() - np.array(spec.raw_shape) // 2
+            if centres.volume == 0 or cut_patch(crop, start, spec.raw_shape, spec.label_shape).missing > max_missing:
+                self.unusable.append((crop.name, f"no patch centre with at most {max_missing:.0%} of a "
+                                                 f"{'x'.join(map(str, spec.raw_shape))} patch's raw missing"))
+                continue
+            self.crops.append(crop)
+            self.centres.append(centres)
+        if not self.crops:
+            raise DataError("no training crop has a usable patch centre (see the data report)")
+        self.foreground = [c.foreground[self.centres[i].contains(c.foreground[:, 1:])] for i, c in enumerate(self.crops)]
+        holders = np.stack([np.bincount(fg[:, 0], minlength=len(cache.classes)) > 0 for fg in self.foreground])
         self.fg_classes = np.nonzero(holders.any(axis=0))[0]
         self.crops_with_class = {int(k): np.nonzero(holders[:, k])[0] for k in self.fg_classes}
-        volumes = np.array([np.prod(c.shape) for c in self.crops], dtype=float)
+        volumes = np.array([c.volume for c in self.centres])
         self.volume_p = volumes / volumes.sum()
 
     def __len__(self) -> int:  # keys come from EpochSampler; the length is nominal
         return 1 << 30
 
+    def sample_shares(self) -> dict[str, float]:
+        """The expected share of samples drawn from each crop (the sampler's probabilities)."""
+        fg = self.foreground_fraction if len(self.fg_classes) else 0.0
+        share = (1 - fg) * self.volume_p
+        for k in self.fg_classes:
+            holders = self.crops_with_class[int(k)]
+            share[holders] += fg / len(self.fg_classes) / len(holders)
+        return {c.name: float(p) for c, p in zip(self.crops, share)}
+
+    def _draw(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        if len(self.fg_classes) and rng.random() < self.foreground_fraction:
+            k = int(rng.choice(self.fg_classes))
+            ci = int(rng.choice(self.crops_with_class[k]))
+            fg = self.foreground[ci]
+            rows = np.nonzero(fg[:, 0] == k)[0]
+            return ci, fg[rows[rng.integers(len(rows))], 1:]
+        ci = int(rng.choice(len(self.crops), p=self.volume_p))
+        return ci, self.centres[ci].draw(rng)
+
     def __getitem__(self, key) -> dict:
         epoch, i = key
         rng = np.random.default_rng([self.seed, self.rank, epoch, i])
-        if len(self.fg_classes) and rng.random() < self.foreground_fraction:
-            k = int(rng.choice(self.fg_classes))
-            crop = self.crops[int(rng.choice(self.crops_with_class[k]))]
-            fg = crop.foreground
-            rows = np.nonzero(fg[:, 0] == k)[0]
-            centre = fg[rows[rng.integers(len(rows))], 1:]
+        half = np.array(self.spec.raw_shape) // 2
+        for _ in range(MAX_DRAWS):
+            ci, centre = self._draw(rng)
+            patch = cut_patch(self.crops[ci], centre - half, self.spec.raw_shape, self.spec.label_shape)
+            if patch.missing <= self.max_missing:
+                break
         else:
-            crop = self.crops[int(rng.choice(len(self.crops), p=self.volume_p))]
-            centre = np.array([rng.integers(n) for n in crop.shape])
-        start = centre - np.array(self.spec.raw_shape) // 2
-        raw, labels = cut_patch(crop, start, self.spec.raw_shape, self.spec.label_shape)
+            patch = cut_patch(self.crops[ci], self.centres[ci].fallback() - half, self.spec.raw_shape,
+                              self.spec.label_shape)
+        raw, labels = patch.raw, patch.labels
         if self.augment:
             raw, labels = augment(raw, labels, rng, flip_z=True)
         return format_sample(raw, labels, self.spec.dims)
@@ -153,36 +234,54 @@ def tile_starts(length: int, tile: int, step: int | None = None) -> list[int]:
     return [first + k * step for k in range(n)]
 
 
+class TileList(Sequence):
+    """Validation tiles (crop index, z, y, x) as a lazy sequence: a large crop has millions of tiles."""
+
+    def __init__(self, starts: list[list[np.ndarray]], indices: np.ndarray):
+        self.starts, self.indices = starts, indices
+        self.counts = np.array([np.prod([len(s) for s in crop]) for crop in starts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, int, int, int]:
+        flat = int(self.indices[j])
+        ci = int(np.searchsorted(self.offsets, flat, side="right") - 1)
+        z, y, x = np.unravel_index(flat - int(self.offsets[ci]), [len(s) for s in self.starts[ci]])
+        sz, sy, sx = self.starts[ci]
+        return ci, int(sz[z]), int(sy[y]), int(sx[x])
+
+
 class ValidationTiles(Dataset):
-    """Deterministic tiles over every validation crop, each annotated voxel covered exactly once.
+    """Deterministic tiles over the validation crops: all of them (each annotated voxel covered exactly once),
+    or a fixed subset of `max_tiles` drawn with `seed` (the same every epoch).
 
     2D/2.5D: one tile per (z slice, y/x tile) with the model's z context; 3D: (D,H,W) tiles. Tiles may
-    overhang the crop: the overhang is UNANNOTATED in the labels and raw context from the cache margin.
+    overhang the crop: the overhang is UNANNOTATED in the labels, and its raw comes from around the crop
+    where it exists (missing raw is masked, as in training).
     """
 
     def __init__(self, cache: CropCache, spec: PatchSpec, split: str = "validate", rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, max_tiles: int | None = None, seed: int = 0):
         self.crops = cache.split(split)
         self.spec = spec
-        lz, ly, lx = spec.label_shape
-        tiles = []
-        for ci, crop in enumerate(self.crops):
-            for z in tile_starts(crop.shape[0], lz):
-                for y in tile_starts(crop.shape[1], ly):
-                    for x in tile_starts(crop.shape[2], lx):
-                        tiles.append((ci, z, y, x))
-        self.all_tiles = tiles
-        self.tiles = tiles[rank::world_size]
+        starts = [[np.array(tile_starts(n, t)) for n, t in zip(crop.shape, spec.label_shape)] for crop in self.crops]
+        total = self.total = int(sum(np.prod([len(s) for s in crop]) for crop in starts))
+        indices = np.arange(total)
+        if max_tiles is not None and max_tiles < total:
+            indices = np.sort(np.random.default_rng(seed).choice(total, max_tiles, replace=False))
+        self.all_tiles = TileList(starts, indices)
+        self.tiles = TileList(starts, indices[rank::world_size])
 
     def __len__(self) -> int:
         return len(self.tiles)
 
     def __getitem__(self, j: int) -> dict:
         ci, z, y, x = self.tiles[j]
-        crop = self.crops[ci]
         z_raw = z - (self.spec.raw_shape[0] - self.spec.label_shape[0]) // 2
-        raw, labels = cut_patch(crop, (z_raw, y, x), self.spec.raw_shape, self.spec.label_shape)
-        return format_sample(raw, labels, self.spec.dims)
+        patch = cut_patch(self.crops[ci], (z_raw, y, x), self.spec.raw_shape, self.spec.label_shape)
+        return format_sample(patch.raw, patch.labels, self.spec.dims)
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None,

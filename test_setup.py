@@ -69,7 +69,9 @@ def check_cuda() -> tuple[str, str, int]:
     for i in range(n):
         p = torch.cuda.get_device_properties(i)
         gpus.append(f"{p.name} {p.total_memory / 2**30:.1f} GiB")
-    bf16 = torch.cuda.is_bf16_supported()
+    # Native bf16 needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also says yes where it
+    # would only emulate it (Turing, e.g. the RTX 2080 Ti), several times slower.
+    bf16 = all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(n))
     return PASS, f"CUDA {torch.version.cuda}, {n} GPU(s): {'; '.join(gpus)}; bf16 {'yes' if bf16 else 'no (fp16 + GradScaler)'}", n
 
 
@@ -163,17 +165,16 @@ def check_disk(out_dir: Path) -> tuple[str, str]:
 
 def check_loader(root_entries, profile) -> tuple[str, str]:
     import config_shenron as C
-    from cache import cache_margin, prepare_cache
+    from cache import prepare_cache
     from sampling import EpochSampler, PatchSpec, TrainPatches, make_loader
 
     root, entries = root_entries
-    margin = cache_margin(profile)
     try:
-        cache = prepare_cache(entries, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, margin, progress=False, build=False)
+        cache = prepare_cache(entries, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, progress=False, build=False)
     except FileNotFoundError:
         if "synthetic" not in str(root):
             return WARN, "crop cache not prepared yet (the first training run builds it); throughput not measured"
-        cache = prepare_cache(entries, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, margin, progress=False)
+        cache = prepare_cache(entries, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, progress=False)
     model = C.MODELS["unet_25d"]
     spec = PatchSpec(model.patch_shape(profile), model.dims)
     batch = profile.batch_size[model.name]
@@ -199,7 +200,8 @@ def check_gpu_step(profile) -> tuple[str, str]:
         b, (_, y, x) = cfg.batch_size, cfg.patch_shape
         net = unet_for_run(cfg).cuda()
         opt = torch.optim.AdamW(net.parameters())
-        dtype = torch.bfloat16 if profile.precision == "bf16" and torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if profile.precision == "bf16" and torch.cuda.get_device_capability()[0] >= 8 \
+            else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         loss_fn = build_loss("per_class_weighted", C.ALL_CLASSES)
         torch.cuda.reset_peak_memory_stats()

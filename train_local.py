@@ -12,6 +12,9 @@ that fails is recorded in results.json and exits with status 1. The options are 
 """
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import signal
 import sys
 import time
@@ -23,18 +26,22 @@ import torch
 
 import config_shenron as C
 import runtime
-from cache import CropCache, cache_margin, data_report, prepare_cache
+from cache import CropCache, crops_table, data_report, prepare_cache
 from datasplit import CropEntry, datasplit_for, read_datasplit, resolve_data_root
-from engine import Trainer, TrainingFailed, train_epoch, validate
-from errors import DataError, RunFileError
-from loaders import train_loader, validation_loader
+from engine import Trainer, TrainingFailed, train_epoch, training_step, validate
+from errors import DataError, Interrupted, RunFileError
+from loaders import train_loader, validation_description, validation_loader
 from losses import build_loss, describe_loss
 from metrics import format_table
 from models import count_parameters, unet_for_run
 from runfiles import (RESULTS_FILE, RunRecorder, StoredRun, check_writable, complete_from_checkpoint,
-                      load_checkpoint, new_run_dir, read_run, restore_rng_state, rng_state)
+                      create_run_dir, load_checkpoint, read_run, restore_best_checkpoint, restore_rng_state,
+                      rng_state)
 from runtime import DistributedEnv, log
 from sampling import PatchSpec
+
+# What a rank stopped by torchrun (because another rank failed) or by the job's SIGTERM records.
+STOPPED_BY_SIGNAL = "terminated by a signal (another rank failed or the job was stopped)"
 
 
 def main(argv=None) -> int:
@@ -46,26 +53,29 @@ def main(argv=None) -> int:
             return 0
         device = runtime.select_device(plan.device_type, env)
         data = prepare_data(plan, env)
+        train_batches, sampler, val_loader = build_loaders(plan.cfg, data, plan.datasplit, env, device)
     except (ValueError, DataError, RunFileError) as err:
         return runtime.report_error(err, env)
+    except Interrupted as err:
+        return runtime.report_error(err, env, status=130)
     runtime.init_process_group(env, device)
-    run_dir = plan.run_dir or plan.out_dir / runtime.broadcast_from_main(
-        new_run_dir(plan.out_dir, plan.cfg, args.run_name).name if env.is_main else None, env)
-    train_batches, sampler, val_loader = build_loaders(plan.cfg, data, plan.datasplit, env, device)
     trainer = build_trainer(plan.cfg, data.loss_fn, device, env)
-    progress = restore_progress(trainer, plan.resume_state, plan.cfg, run_dir)
-    recorder = RunRecorder(run_dir, new_results(plan, data, trainer, env, progress, run_dir), env.is_main)
+    progress = restore_progress(trainer, plan.resume_state, plan.cfg, plan.run_dir)
     try:
+        run_dir = plan.run_dir or new_run_folder(plan, args.run_name, env)
+        recorder = RunRecorder(run_dir, new_results(plan, data, trainer, env, progress, run_dir), env.is_main)
         recorder.open(new_run=plan.run_dir is None)
     except RunFileError as err:
         return runtime.report_error(err, env)
     log_run_header(recorder, plan.cfg, env)
     code = train(plan.cfg, trainer, train_batches, sampler, val_loader, recorder, progress, env)
-    if code == 0 and env.is_main and progress.best is not None:
-        log(f"\nbest epoch {progress.best_epoch} of {plan.cfg.epochs} (validation, threshold 0.5):")
-        log(format_table(progress.best, plan.cfg.classes))
-        log(f"results: {run_dir / RESULTS_FILE}")
     runtime.destroy_process_group(env)
+    if code == 0 and env.is_main and progress.best is not None:
+        log(f"\nbest epoch {progress.best_epoch} of {plan.cfg.epochs} (validation during training, "
+            f"{recorder.results['validation']['metric']}; {recorder.results['validation']['subset']}):")
+        log(format_table(progress.best, plan.cfg.classes))
+        code = final_evaluation(plan, data, recorder, device)
+        log(f"results: {run_dir / RESULTS_FILE}")
     return code
 
 
@@ -81,7 +91,7 @@ class RunPlan:
     datasplit: Path | None = None
     entries: list[CropEntry] | None = None
     out_dir: Path | None = None
-    run_dir: Path | None = None      # None for a new run (named once the process group exists)
+    run_dir: Path | None = None      # None for a new run (created once the model is built)
     resume_state: dict | None = None
     device_type: str = "cpu"
     finished: bool = False           # a resumed run that had already completed: nothing to do
@@ -92,32 +102,36 @@ def plan_run(args, env: DistributedEnv) -> RunPlan:
     one line for bad input."""
     device_type = runtime.device_type_for(args.device)
     if args.resume:
-        plan = plan_resume(Path(args.resume), args, device_type)
+        plan = plan_resume(Path(args.resume), args, device_type, env)
         if plan.finished:
-            return plan
+            return restore_best(plan, env)
     else:
         data_root, notice = resolve_data_root(args.data_root)
-        cfg = C.build_config(args, device_type, str(data_root))
+        cfg = C.build_config(args, device_type, str(data_root)).with_overrides(world_size=env.world_size)
         csv_path = (Path(args.datasplit) if args.datasplit else datasplit_for(data_root)).resolve()
         plan = RunPlan(cfg, C.parse_loss_options(args.loss_option), csv_path)
         if notice:
             log(notice)
     plan.device_type = device_type
+    runtime.check_precision(plan.cfg.precision, device_type)
+    if plan.cfg.sync_bn == "on" and device_type != "cuda":
+        raise ValueError("--sync-bn on: SyncBatchNorm runs on GPUs under DDP only; use auto or off on the CPU")
     # Class frequencies only set class weights: placeholders let a bad loss option fail now rather than
     # after the (on real data, long) cache preparation.
     try:
-        build_loss(plan.cfg.loss, plan.cfg.classes, class_frequencies=dict.fromkeys(plan.cfg.classes, 0.5),
-                   **plan.loss_options)
+        placeholder_loss(plan)
     except ValueError as err:
         raise ValueError(f"loss {plan.cfg.loss!r} with options {plan.loss_options}: {err}") from None
+    plan.cfg = resolve_batch_size(plan, env)
+    check_batch_fits_memory(plan.cfg, device_type)
     plan.entries = read_datasplit(plan.datasplit)
     plan.out_dir = Path(args.out_dir or C.DEFAULT_OUT_DIR)
     if plan.run_dir is None and env.is_main:
         check_writable(plan.out_dir)
-    return plan
+    return restore_best(plan, env)
 
 
-def plan_resume(run_dir: Path, args, device_type: str) -> RunPlan:
+def plan_resume(run_dir: Path, args, device_type: str, env: DistributedEnv) -> RunPlan:
     """The stored run, refused when the command gives options that differ from it; `finished` when its
     last.pt already holds the final epoch (results.json is completed from it if a kill came in between)."""
     run: StoredRun = read_run(run_dir)
@@ -125,16 +139,119 @@ def plan_resume(run_dir: Path, args, device_type: str) -> RunPlan:
     if conflicts:
         raise ValueError(f"--resume {run_dir}: the run's config differs from this command: " + "; ".join(conflicts))
     cfg = C.resume_overrides(args, run.config, device_type)
+    if cfg.world_size != env.world_size:
+        raise ValueError(f"--resume {run_dir}: the run was trained on {cfg.world_size} process(es) (effective batch "
+                         f"{cfg.batch_size * cfg.world_size}) and this job has {env.world_size}: the effective batch "
+                         f"and the samples drawn would change; resume it with {cfg.world_size} (./run.sh ... --gpus "
+                         f"{cfg.world_size}, or torchrun --nproc_per_node={cfg.world_size})")
     plan = RunPlan(cfg, run.loss_options, run.datasplit, run_dir=run_dir)
     if (run_dir / "last.pt").is_file():
         plan.resume_state = load_checkpoint(run_dir / "last.pt")
         if plan.resume_state["epoch"] >= cfg.epochs:
-            if complete_from_checkpoint(run, plan.resume_state):
+            if env.is_main and complete_from_checkpoint(run, plan.resume_state):  # one writer
                 log(f"run {run_dir.name} had finished all {cfg.epochs} epochs; {RESULTS_FILE} completed from last.pt")
             else:
                 log(f"run {run_dir.name} already completed ({cfg.epochs} epochs); nothing to do")
             plan.finished = True
     return plan
+
+
+def placeholder_loss(plan: RunPlan) -> torch.nn.Module:
+    """The run's loss with placeholder class frequencies (the real ones come from the cache)."""
+    cfg = plan.cfg
+    return build_loss(cfg.loss, cfg.classes, class_frequencies=dict.fromkeys(cfg.classes, 0.5), **plan.loss_options)
+
+
+def resolve_batch_size(plan: RunPlan, env: DistributedEnv) -> C.RunConfig:
+    """--batch-size auto: on CUDA the largest batch whose training step (two of them: the optimiser's state
+    comes with the first) peaks below AUTO_BATCH_MEMORY_FRACTION of the GPU's memory, found on this rank's GPU;
+    on the CPU the profile's batch size."""
+    cfg = plan.cfg
+    if cfg.batch_size != "auto":
+        return cfg
+    default = C.PROFILES[cfg.profile].batch_size[cfg.model]
+    if plan.device_type != "cuda":
+        log(f"--batch-size auto: no GPU; the {cfg.profile} profile's {default}")
+        return cfg.with_overrides(batch_size=default)
+    device = torch.device("cuda", env.local_rank)
+    total = torch.cuda.get_device_properties(device).total_memory
+    model_cfg = C.MODELS[cfg.model]
+    label_z = cfg.patch_shape[0] if model_cfg.dims == 3 else None
+
+    def fits(batch: int) -> bool:
+        trainer = build_trainer(cfg.with_overrides(batch_size=batch), placeholder_loss(plan).to(device), device,
+                                DistributedEnv())
+        x = torch.rand((batch, model_cfg.in_channels) + tuple(cfg.patch_shape[0 if model_cfg.dims == 3 else 1:]),
+                       device=device)
+        y = (torch.rand((batch, len(cfg.classes)) + ((label_z,) if label_z else ()) + tuple(cfg.patch_shape[1:]),
+                        device=device) > 0.9).float()
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):
+            training_step(trainer.model, trainer.raw_model, trainer.loss_fn, trainer.optimizer, trainer.scaler,
+                          trainer.autocast, x, y, cfg.grad_clip)
+        return torch.cuda.max_memory_allocated(device) <= C.AUTO_BATCH_MEMORY_FRACTION * total
+
+    batch = runtime.largest_batch(fits, default)
+    log(f"--batch-size auto: {batch} (the largest whose step fits {C.AUTO_BATCH_MEMORY_FRACTION:.0%} of the "
+        f"{total / 2**30:.1f} GiB of {torch.cuda.get_device_name(device)})")
+    return cfg.with_overrides(batch_size=batch)
+
+
+def restore_best(plan: RunPlan, env: DistributedEnv) -> RunPlan:
+    """A resumed run's missing best.pt (evaluate.py reads it by default): restored from last.pt when that
+    holds the best epoch, else said (runfiles.restore_best_checkpoint). Rank 0 only, and only once the plan
+    is checked: bad input leaves the run folder as it was."""
+    if plan.resume_state is not None and env.is_main:
+        note = restore_best_checkpoint(plan.run_dir, plan.resume_state)
+        if note:
+            log(note)
+    return plan
+
+
+# Tensors of a UNet training step kept at full resolution until the backward pass, in units of the first
+# level's width: the first encoder block's two convolution outputs and their activations (4), and the last
+# decoder block's concatenated input (2) with its two convolution outputs and activations (4). Coarser
+# levels, gradients and the loss come on top (measured steps take about 3 times this).
+FULL_RESOLUTION_TENSORS = 10
+
+
+def check_batch_fits_memory(cfg: C.RunConfig, device_type: str) -> None:
+    """ValueError when a lower bound of one training step's memory exceeds the machine's: the loader's uint8
+    patches and labels in host memory (a batch in each worker; in the main process its samples and their
+    collated copy), and the float inputs, targets and full-resolution activations in host memory on the CPU
+    or in GPU memory on CUDA. A batch that large does not fail by itself: the loader gathers it sample by
+    sample for minutes while memory fills, then the machine swaps, and the run seems to hang."""
+    dims = C.MODELS[cfg.model].dims
+    raw_voxels = int(np.prod(cfg.patch_shape))
+    label_voxels = raw_voxels // cfg.patch_shape[0] if dims == 2 else raw_voxels
+    classes = len(cfg.classes)
+    loader = (2 + cfg.workers) * (raw_voxels + classes * label_voxels)  # uint8
+    activation_bytes = 4 if device_type == "cpu" or cfg.precision == "fp32" else 2
+    inputs_and_targets = 4 * (raw_voxels + classes * label_voxels)  # float32
+    step = inputs_and_targets + label_voxels * FULL_RESOLUTION_TENSORS * cfg.base_channels * activation_bytes
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [("host memory", host, loader + (step if device_type == "cpu" else 0))]
+    if device_type == "cuda":
+        limits.append(("GPU memory", torch.cuda.get_device_properties(0).total_memory, step))
+    for memory, available, per_sample in limits:
+        if cfg.batch_size * per_sample > available:
+            default = C.PROFILES[cfg.profile].batch_size[cfg.model]
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} needs at least {cfg.batch_size * per_sample / 1e9:.1f} GB of "
+                f"{memory} for one training step of {cfg.patch_shape} patches, more than the {available / 1e9:.1f} "
+                f"GB here (it would swap, not fail): use a smaller --batch-size, at most {available // per_sample} "
+                f"can fit at these settings (the {cfg.profile} profile uses {default} for {cfg.model})")
+
+
+def new_run_folder(plan: RunPlan, run_name: str | None, env: DistributedEnv) -> Path:
+    """Rank 0 creates the new run's folder (runfiles.create_run_dir: a taken name gets -2, -3, ...); every
+    rank gets its path. Done once the model is built, so no failure before it can leave an empty folder."""
+    name = None
+    if env.is_main:
+        name = create_run_dir(plan.out_dir, plan.cfg, run_name).name
+        if run_name and name != run_name:
+            log(f"run name {run_name} is taken in {plan.out_dir}: this run is {name}")
+    return plan.out_dir / runtime.broadcast_from_main(name, env)
 
 
 @dataclass
@@ -144,6 +261,8 @@ class RunData:
     report: list[str]
     loss_fn: torch.nn.Module
     loss_config: dict
+    crops: list[dict] | None = None   # results.json's crops table, completed by build_loaders
+    validation: dict | None = None    # what the per-epoch validation numbers are, from build_loaders
 
 
 def prepare_data(plan: RunPlan, env: DistributedEnv) -> RunData:
@@ -151,9 +270,9 @@ def prepare_data(plan: RunPlan, env: DistributedEnv) -> RunData:
     frequencies from the training crops. DataError when a split has no usable crop."""
     cfg = plan.cfg
     spec = PatchSpec(cfg.patch_shape, C.MODELS[cfg.model].dims)
-    margin = cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape)
     cache = runtime.main_rank_first(
-        lambda **kw: prepare_cache(plan.entries, cfg.classes, cfg.scale_nm, margin, **kw), env)
+        lambda main: prepare_cache(plan.entries, cfg.classes, cfg.scale_nm, workers=cfg.workers, progress=main,
+                                   build=main, verify=main), env, C.DEFAULT_CACHE_DIR)
     report = data_report(plan.entries, cache, cfg.patch_shape[1:])
     for line in report:
         log(line)
@@ -169,12 +288,24 @@ def prepare_data(plan: RunPlan, env: DistributedEnv) -> RunData:
 
 def build_loaders(cfg: C.RunConfig, data: RunData, datasplit: Path, env: DistributedEnv, device: torch.device):
     """(training loader, object with set_epoch, validation loader). Seeds torch and numpy first: the model
-    built next draws its initial weights from them."""
+    built next draws its initial weights from them. Completes the data report and the crops table with the
+    training crops the sampler cannot use and each crop's expected share of the samples."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     pin = device.type == "cuda"
     loader, sampler = train_loader(cfg, data.cache, data.spec, datasplit, env.rank, pin_memory=pin)
-    return loader, sampler, validation_loader(cfg, data.cache, data.spec, env.rank, env.world_size, pin_memory=pin)
+    patches = getattr(loader, "dataset", None)
+    unusable = dict(getattr(patches, "unusable", []))
+    for name, reason in unusable.items():
+        line = (f"  train: {name} is not sampled: {reason}; fix: allow more with --max-missing-raw, use a smaller "
+                f"--patch-yx, or fetch more context (csc fetch-data --raw-padding)")
+        log(line)
+        data.report.append(line)
+    shares = patches.sample_shares() if hasattr(patches, "sample_shares") else {}
+    data.crops = crops_table(data.cache, shares, unusable)
+    val_loader = validation_loader(cfg, data.cache, data.spec, env.rank, env.world_size, pin_memory=pin)
+    data.validation = validation_description(val_loader)
+    return loader, sampler, val_loader
 
 
 def build_trainer(cfg: C.RunConfig, loss_fn: torch.nn.Module, device: torch.device, env: DistributedEnv) -> Trainer:
@@ -182,11 +313,19 @@ def build_trainer(cfg: C.RunConfig, loss_fn: torch.nn.Module, device: torch.devi
     model = unet_for_run(cfg).to(device)
     if cfg.channels_last and C.MODELS[cfg.model].dims == 2:
         model = model.to(memory_format=torch.channels_last)
+    if uses_sync_batchnorm(cfg, device, env):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw_model = model
     if env.ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW (CUDA) takes the GradScaler's overflow check inside its kernel: no host sync per step
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    ema = None
+    if cfg.ema > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            raw_model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     # OneCycle is stepped once per optimiser step (batch), over the whole run; warm-up is 10% of the
     # steps but at least 2 (OneCycleLR divides by zero when the warm-up rounds to no step).
     total_steps = cfg.epochs * cfg.iterations
@@ -195,7 +334,14 @@ def build_trainer(cfg: C.RunConfig, loss_fn: torch.nn.Module, device: torch.devi
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
     autocast = runtime.autocast_for(cfg.precision if device.type == "cuda" else "fp32", device)
     return Trainer(model, raw_model, loss_fn, optimizer, scheduler, scaler, autocast, device, env.ddp,
-                   cfg.channels_last, cfg.grad_clip)
+                   cfg.channels_last, cfg.grad_clip, ema)
+
+
+def uses_sync_batchnorm(cfg: C.RunConfig, device: torch.device, env: DistributedEnv) -> bool:
+    """SyncBatchNorm: BatchNorm models under DDP on CUDA, with --sync-bn on, or auto for 3D models (batches of
+    2 per GPU make per-GPU statistics noisy)."""
+    wanted = cfg.sync_bn == "on" or (cfg.sync_bn == "auto" and C.MODELS[cfg.model].dims == 3)
+    return wanted and cfg.norm == "batch" and env.ddp and device.type == "cuda"
 
 
 @dataclass
@@ -226,10 +372,11 @@ def new_results(plan: RunPlan, data: RunData, trainer: Trainer, env: Distributed
     return {
         "run_name": run_dir.name, "status": "running", "model": cfg.model,
         "loss": cfg.loss, "loss_config": data.loss_config, "classes": list(cfg.classes), "seed": cfg.seed,
-        "world_size": env.world_size,
+        "world_size": env.world_size, "sync_batchnorm": uses_sync_batchnorm(cfg, device, env),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "config": cfg.to_dict(), "loss_options": plan.loss_options, "parameters": count_parameters(trainer.raw_model),
-        "datasplit": str(plan.datasplit), "data_report": data.report, "best_epoch": progress.best_epoch,
+        "datasplit": str(plan.datasplit), "data_report": data.report, "crops": data.crops,
+        "validation": data.validation, "final_evaluation": None, "best_epoch": progress.best_epoch,
         "best": progress.best, "history": progress.history, "elapsed_seconds": progress.elapsed_before,
         "failure": None,
     }
@@ -242,6 +389,39 @@ def log_run_header(recorder: RunRecorder, cfg: C.RunConfig, env: DistributedEnv)
         f"{cfg.epochs} epochs x {cfg.iterations} steps")
 
 
+def final_evaluation(plan: RunPlan, data: RunData, recorder: RunRecorder, device: torch.device) -> int:
+    """The chosen checkpoints (best, and last when it is another epoch) on every validation crop in full
+    (8-nm metric) and, with --final-evaluation official, under the challenge's rules; into results.json."""
+    cfg = plan.cfg
+    if cfg.final_evaluation == "none":
+        return 0
+    from evaluation import EvalOptions, evaluate_checkpoint, official_table  # loads the scorer: only needed here
+    from inference import load_run_model
+
+    results, evaluations = recorder.results, {}
+    official = cfg.final_evaluation == "official"
+    opts = EvalOptions(("training", "sliding") if official else ("training",), official=official)
+    last_epoch = results["history"][-1]["epoch"]
+    chosen = ("best", "last") if last_epoch != results["best_epoch"] else ("best",)
+    if not (recorder.run_dir / "best.pt").is_file():  # removed by hand; the resume said so
+        chosen = ("last",)
+    for which in chosen:
+        _, model, state = load_run_model(recorder.run_dir, which, device)
+        log(f"final evaluation of {which}.pt (epoch {state['epoch']}) on every validation crop in full")
+        evaluations[which] = evaluate_checkpoint(cfg, model, state["epoch"], results, data.cache, plan.entries,
+                                                 device, opts, which, cfg.workers)
+        log(format_table(evaluations[which]["tilings"]["training"], cfg.classes))
+        if official:
+            log(official_table(evaluations[which]["official"]))
+    results["final_evaluation"] = evaluations
+    try:
+        recorder.save()
+    except RunFileError as err:
+        print(f"error: the final evaluation could not be recorded: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # The epoch loop and failure recording
 # ----------------------------------------------------------------------------------------------------
@@ -252,26 +432,37 @@ def train(cfg: C.RunConfig, trainer: Trainer, train_batches, sampler, val_loader
 
     def on_sigterm(signum, frame):  # torchrun stops the other ranks with SIGTERM when one fails
         if not failing:  # once failing, the signal must not cut the recording of the failure short
-            raise TrainingFailed("terminated by a signal (another rank failed or the job was stopped)")
+            raise TrainingFailed(STOPPED_BY_SIGNAL)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     started = time.time()
+    elapsed = lambda: progress.elapsed_before + time.time() - started
+    watchdog = runtime.Watchdog(runtime.watchdog_seconds(env), lambda idle: record_hang(idle, recorder, env, elapsed()))
     try:
         consecutive_bad = 0
         for epoch in range(progress.start_epoch, cfg.epochs):
             consecutive_bad = run_epoch(cfg, trainer, train_batches, sampler, val_loader, recorder, progress, env,
-                                        epoch, consecutive_bad,
-                                        elapsed=lambda: progress.elapsed_before + time.time() - started)
+                                        epoch, consecutive_bad, elapsed, watchdog.kick)
     except (Exception, KeyboardInterrupt) as err:
         failing = True
-        return record_failure(err, cfg, trainer, recorder, env, progress.elapsed_before + time.time() - started)
+        watchdog.stop()
+        return record_failure(err, cfg, trainer, recorder, env, elapsed())
     finally:
+        watchdog.stop()
         recorder.close()
     return 0
 
 
+def record_hang(idle: float, recorder: RunRecorder, env: DistributedEnv, elapsed: float) -> None:
+    """The watchdog's record of a run that stopped making progress (it then ends the process)."""
+    reason, _ = recorder.record_failure(f"no progress for {idle:.0f} s on rank {env.rank}: a peer stopped or died and "
+                                        f"the collectives wait for it (stopped by the watchdog)", env.rank, elapsed)
+    if env.is_main:
+        print(f"error: run {recorder.run_dir.name} failed: {reason}", file=sys.stderr, flush=True)
+
+
 def run_epoch(cfg, trainer: Trainer, train_batches, sampler, val_loader, recorder: RunRecorder, progress: Progress,
-              env: DistributedEnv, epoch: int, consecutive_bad: int, elapsed) -> int:
+              env: DistributedEnv, epoch: int, consecutive_bad: int, elapsed, heartbeat) -> int:
     """One epoch: training steps, validation, best tracking, then (rank 0) checkpoints, results.json,
     TensorBoard and the epoch's line. Returns the running count of consecutive non-finite steps."""
     t0 = time.time()
@@ -279,21 +470,27 @@ def run_epoch(cfg, trainer: Trainer, train_batches, sampler, val_loader, recorde
     trainer.model.train()
 
     def on_step(global_step, step, lr, loss, ok):
+        heartbeat()
         recorder.scalar("train/lr", lr, global_step)
-        if ok and step % 10 == 0 and recorder.writer is not None:
-            recorder.scalar("train/loss", loss.item(), global_step)
+        if ok and step % 10 == 0:
+            recorder.scalar("train/loss", loss, global_step)
 
     summary, consecutive_bad = train_epoch(trainer, iter(train_batches), epoch, cfg, consecutive_bad, on_step,
                                            first_batch_line=epoch == progress.start_epoch, progress=recorder.is_main)
     report = validate(trainer.model, val_loader, cfg.classes, trainer.device, trainer.autocast, cfg.channels_last,
-                      progress=recorder.is_main)
+                      progress=recorder.is_main, heartbeat=heartbeat)
     entry = {  # losses are None for an epoch (or class) without a counted step
         "epoch": epoch + 1, "train_loss": summary.train_loss, "train_loss_per_class": summary.per_class,
         "mean_dice": report["mean_dice"], "mean_iou": report["mean_iou"], "per_class": report["per_class"],
         "threshold_sweep": report["threshold_sweep"], "absent_classes": report["absent_classes"], "lr": summary.lr,
         "samples_per_s": cfg.iterations * cfg.batch_size * env.world_size / summary.seconds,
         "seconds": time.time() - t0, "nonfinite_steps": summary.nonfinite_steps,
+        "scaler_backoffs": summary.scaler_backoffs,
     }
+    if trainer.ema is not None:  # the averaged weights, validated on the same tiles
+        ema_report = validate(trainer.ema.module, val_loader, cfg.classes, trainer.device, trainer.autocast,
+                              cfg.channels_last, heartbeat=heartbeat)
+        entry["ema"] = {k: ema_report[k] for k in ("mean_dice", "mean_iou", "per_class", "absent_classes")}
     progress.history.append(entry)
     improved = report["mean_dice"] is not None and (progress.best is None or
                                                     report["mean_dice"] > progress.best["mean_dice"])
@@ -305,6 +502,8 @@ def run_epoch(cfg, trainer: Trainer, train_batches, sampler, val_loader, recorde
              "history": progress.history, "best": progress.best, "best_epoch": progress.best_epoch,
              "elapsed_seconds": elapsed(), "run_name": recorder.run_dir.name,
              "loss_config": recorder.results["loss_config"]}
+    if trainer.ema is not None:
+        recorder.save_ema(dict(state, model=trainer.ema.module.state_dict()))
     recorder.epoch(state, improved, report, entry["train_loss"], history=progress.history, best=progress.best,
                    best_epoch=progress.best_epoch, elapsed_seconds=state["elapsed_seconds"],
                    status="completed" if epoch + 1 == cfg.epochs else "running")
@@ -319,25 +518,54 @@ def run_epoch(cfg, trainer: Trainer, train_batches, sampler, val_loader, recorde
 
 def record_failure(err: BaseException, cfg, trainer: Trainer, recorder: RunRecorder, env: DistributedEnv,
                    elapsed: float) -> int:
-    """Record why the run stopped (results.json on rank 0, failure_rank<N>.txt on the others) and print
-    one line; re-raise a failure that is a bug here (its traceback shows where), else return 1."""
+    """Record why the run stopped (results.json on rank 0, failure_rank<N>.txt on the others) and print one
+    line with the last good checkpoint and the command that continues the run; re-raise a failure that is a
+    bug here (its traceback shows where), else return 1."""
     # Loader workers die with the job (Ctrl-C and SIGTERM reach the whole process group); the
     # DataLoader's SIGCHLD handler would then raise again while the failure is being recorded.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    reason = f"{type(err).__name__}: {err}"
-    device = trainer.device
-    if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
-        reason = runtime.oom_advice(cfg.batch_size, torch.cuda.max_memory_allocated(device),
-                                    torch.cuda.get_device_properties(device).total_memory)
-    reason, peers_failed = recorder.record_failure(reason, env.rank, elapsed)
+    reason = failure_reason(err, cfg, trainer.device)
+    reason, peers_failed = recorder.record_failure(reason, env.rank, elapsed, env.world_size,
+                                                   lost_peer=env.ddp and lost_a_peer(err))
     if not env.is_main:
         raise err
     run_dir = recorder.run_dir
-    print(f"error: run {run_dir.name} failed: {reason} (last good checkpoint: {run_dir / 'last.pt'})", file=sys.stderr)
+    last = run_dir / "last.pt"
+    checkpoint = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint yet"
+    print(f"error: run {run_dir.name} failed: {reason} ({checkpoint}); continue with: {resume_command(run_dir, env)}",
+          file=sys.stderr)
     expected = (TrainingFailed, RunFileError, KeyboardInterrupt, torch.cuda.OutOfMemoryError)
     if not peers_failed and not isinstance(err, expected):  # a bug here: show where (a peer's failure is reported)
         raise err
     return 1
+
+
+def failure_reason(err: BaseException, cfg, device: torch.device) -> str:
+    """One line saying why this rank stopped."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
+        return runtime.oom_advice(cfg.batch_size, torch.cuda.max_memory_allocated(device),
+                                  torch.cuda.get_device_properties(device).total_memory)
+    lines = str(err).strip().splitlines()
+    # gloo and c10 prefix their messages with the C++ source line ("[.../pair.cc:545] Read error ...").
+    first = re.sub(r"^\[[^\]]+\.(?:cc|cpp|h):\d+\]\s*", "", lines[0]) if lines else ""
+    return f"{type(err).__name__}: {first}"
+
+
+# What a collective raises on a rank whose peer is gone (gloo reports the closed socket; NCCL raises a
+# DistError), and the SIGTERM with which torchrun stops the others when a rank exits (`train`'s handler).
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", STOPPED_BY_SIGNAL)
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    return isinstance(err, torch.distributed.DistError) or any(text in str(err) for text in PEER_LOST)
+
+
+def resume_command(run_dir: Path, env: DistributedEnv) -> str:
+    """The command that continues the run from its last checkpoint (under torchrun again for DDP)."""
+    launcher = f"torchrun --standalone --nproc_per_node={env.world_size}" if env.ddp else "python"
+    return f"{launcher} {shlex.quote(sys.argv[0])} --resume {shlex.quote(str(run_dir.absolute()))}"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import config_shenron as C
@@ -37,7 +38,8 @@ FIGURE_FILES = {"dice_bars.png": "Per-class Dice (best epoch)", "training_curves
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or a folder of run folders)")
-    p.add_argument("--out", help="report folder (default: <common parent of the runs>/report)")
+    p.add_argument("--out", help="report folder (default: RUN_DIR/report for one folder, else "
+                                 "PARENT/report-<run>+<run>...)")
     p.add_argument("--baseline", action="store_true", help="add the upstream reference column (other pipeline)")
     p.add_argument("--ranking", action="store_true", help="rank the arms by mean Dice (loss comparison)")
     p.add_argument("--panel-classes", help=f"classes shown in panel.png (default {C.KEY_CLASS} and one more)")
@@ -46,11 +48,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def default_report_dir(given: list[Path]) -> Path:
+    """GROUP/report for one group (or run) folder, else PARENT/report-<name>+<name>... (a checksum instead when
+    the names are long): reports on different runs never overwrite each other."""
+    given = [g.resolve() for g in given]
+    if len(given) == 1:
+        return given[0] / "report"
+    parent = Path(os.path.commonpath([str(g.parent) for g in given]))
+    names = "+".join(g.name for g in given)
+    if len(names) > 80:
+        names = f"{given[0].name}+{len(given) - 1}-more-{zlib.crc32(names.encode()):08x}"
+    return parent / f"report-{names}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     folders = expand_folders([Path(d) for d in args.run_dirs])
-    parents = [str(f.resolve().parent) for f in folders]
-    out = Path(args.out) if args.out else Path(os.path.commonpath(parents)) / "report"
+    out = Path(args.out) if args.out else default_report_dir([Path(d) for d in args.run_dirs])
     runs, skipped = [], []
     for folder in folders:
         if folder.resolve() == out.resolve():

@@ -15,10 +15,10 @@ import config_shenron as C  # noqa: E402
 
 # Small patches keep the suite fast on 2 CPU cores.
 TEST_PATCH_YX = 64
-TEST_MARGIN = (8, 32, 32)
 # train_local.py options for a run on `tiny_root` that takes seconds: a narrow, shallow UNet on 32x32 patches.
 TINY_RUN_OPTIONS = ("--mode", "quick", "--batch-size", "2", "--patch-yx", "32", "--base-channels", "4",
-                    "--depth", "2", "--workers", "0", "--device", "cpu")
+                    "--depth", "2", "--workers", "0", "--device", "cpu", "--val-budget", "0", "--val-patch-yx", "32",
+                    "--val-batch-size", "2", "--final-evaluation", "none")
 
 
 # What an interrupted-then-resumed run must reproduce exactly, epoch by epoch.
@@ -115,7 +115,7 @@ def entries(synthetic_root):
 def cache(entries, cache_dir):
     from cache import prepare_cache
 
-    return prepare_cache(entries, C.ALL_CLASSES, C.TRAIN_SCALE_NM, TEST_MARGIN, cache_root=cache_dir, progress=False)
+    return prepare_cache(entries, C.ALL_CLASSES, C.TRAIN_SCALE_NM, cache_root=cache_dir, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,16 @@
-"""cache.py on freshly generated synthetic CellMap data: reads match zarr, coarse labels resampled, instance
-ids binarised, reuse and rebuild, the data report, class frequencies."""
+"""cache.py, crop_prep.py and crop_store.py: reads match zarr (area rule for fine crops against an independent
+supersampling reference, nearest for coarse classes stored at their own resolution), missing raw chunks are a
+mask and never EM, crops without raw at the training scale are skipped with the fix, one cache serves every
+class subset and split, parallel and concurrent preparation, integrity checks, disk full and interruption."""
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +18,15 @@ import pytest
 import zarr
 
 import config_shenron as C
-from conftest import TEST_MARGIN, TEST_PATCH_YX
-from cache import UNANNOTATED, CachedCrop, data_report, prepare_cache
-from ngff import read_levels
-from sampling import PatchSpec
+import crop_store
+from cache import UNANNOTATED, CachedCrop, crops_table, data_report, prepare_cache
+from conftest import REPO, TINY_RUN_OPTIONS
+from datasplit import CropEntry
+from errors import DataError
+from ngff import multiscales_attrs, read_levels
+from sampling import PatchSpec, TrainPatches, cut_patch
 
-P = TEST_PATCH_YX
-SPECS = {"unet_2d": PatchSpec((1, P, P), 2), "unet_25d": PatchSpec((5, P, P), 2), "unet_3d": PatchSpec((16, P, P), 3)}
+from test_resample import reference_area
 
 
 def iso_crop(cache, split=None) -> CachedCrop:
@@ -24,58 +34,117 @@ def iso_crop(cache, split=None) -> CachedCrop:
     return max(crops, key=lambda c: int(c.annotated.sum()) * 10**9 + int(np.prod(c.shape)))
 
 
-def raw_s0(synthetic_root: Path) -> zarr.Array:
-    return zarr.open_array(str(synthetic_root / "synth_iso/synth_iso.zarr/recon-1/em/fibsem-uint8/s0"), mode="r")
+def write_level(group_path: Path, levels, chunks=(8, 8, 8), write_empty=True) -> None:
+    """An OME-NGFF group with levels [(data, scale, translation)] as s0, s1, ..."""
+    group = zarr.open_group(str(group_path), mode="w")
+    for k, (data, _, _) in enumerate(levels):
+        group.create_dataset(f"s{k}", data=data, chunks=chunks, write_empty_chunks=write_empty)
+    group.attrs.update(multiscales_attrs([(f"s{k}", scale, trans) for k, (_, scale, trans) in enumerate(levels)]))
 
 
+def entry(root: Path, crop: str, classes, split="train") -> CropEntry:
+    zarr_dir = root / "ds" / "ds.zarr"
+    return CropEntry(split, str(zarr_dir / "recon-1/em/fibsem-uint8"),
+                     str(zarr_dir / f"recon-1/labels/groundtruth/{crop}"), tuple(classes))
 
-# ---------------------------------------------------------------------------------------------- cache
-def test_cache_reads_match_zarr_and_coarse_labels_are_resampled(cache, synthetic_root, entries):
+
+# ---------------------------------------------------------------------------------------------- synthetic data
+def test_cached_raw_equals_zarr_on_the_8nm_grid(cache, synthetic_root):
     crop = iso_crop(cache)
-    raw = raw_s0(synthetic_root)
-    m = np.array(crop.margin)
+    raw = zarr.open_array(str(synthetic_root / "synth_iso/synth_iso.zarr/recon-1/em/fibsem-uint8/s0"), mode="r")
     g = np.array(crop.grid_start)
-    inner = crop.raw[m[0]: m[0] + crop.shape[0], m[1]: m[1] + crop.shape[1], m[2]: m[2] + crop.shape[2]]
-    assert np.array_equal(inner, raw[g[0]: g[0] + crop.shape[0], g[1]: g[1] + crop.shape[1], g[2]: g[2] + crop.shape[2]])
-    # A class labelled at 16 nm: each coarse voxel covers 2x2x2 voxels of the 8 nm grid.
-    for e in entries:
-        nuc = Path(e.crop_path) / "nuc"
-        if "nuc" in e.classes and read_levels(nuc)[0].scale == (16.0, 16.0, 16.0):
-            cached = next(c for c in cache.crops if c.name == e.name)
-            coarse = np.asarray(zarr.open_array(str(nuc / "s0"), mode="r")) > 0
-            k = cache.classes.index("nuc")
-            lab = np.asarray(cached.labels[k])
-            up = coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: lab.shape[0], : lab.shape[1], : lab.shape[2]]
-            assert np.array_equal(lab, up.astype(np.uint8))
-            break
-    else:
-        pytest.fail("synthetic data should hold a crop with nuc labelled at 16 nm")
+    window, valid = crop.raw_window((0, 0, 0), crop.shape)
+    assert valid.all()
+    assert np.array_equal(window, raw[g[0]: g[0] + crop.shape[0], g[1]: g[1] + crop.shape[1], g[2]: g[2] + crop.shape[2]])
+
+
+def test_coarse_class_is_stored_at_its_resolution_and_upsampled_by_nearest(cache, entries):
+    e = next(e for e in entries if "nuc" in e.classes and read_levels(Path(e.crop_path) / "nuc")[0].scale == (16.0,) * 3)
+    crop = next(c for c in cache.crops if c.name == e.name)
+    k = cache.classes.index("nuc")
+    info = crop.stored[k]
+    coarse = np.asarray(zarr.open_array(str(Path(e.crop_path) / "nuc" / "s0"), mode="r")) > 0
+    stored = np.load(crop.directory / info["file"])
+    assert info["storage"] == "native" and stored.shape == coarse.shape[:2] + (-(-coarse.shape[2] // 8),)
+    lab = crop.labels[k]
+    up = coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: lab.shape[0], : lab.shape[1], : lab.shape[2]]
+    assert np.array_equal(lab, up.astype(np.uint8))
+
+
+def test_fine_labels_follow_the_area_rule(cache, entries):
+    """synth_aniso is 6 x 4 x 4 nm: each 8 nm voxel is foreground where at least half of the fine voxels it
+    covers are, and unannotated where less than half of it is covered (at the crop's edge)."""
+    e = next(e for e in entries if e.name == "synth_aniso/crop203")
+    crop = next(c for c in cache.crops if c.name == e.name)
+    for cls in ("mito_mem", "nuc"):
+        level = read_levels(Path(e.crop_path) / cls)[0]
+        fine = np.asarray(zarr.open_array(level.path, mode="r")) > 0
+        start = crop.grid_start
+        fraction = reference_area(fine, level.scale, level.translation, start, crop.shape, C.TRAIN_SCALE_NM)
+        covered = reference_area(np.ones_like(fine), level.scale, level.translation, start, crop.shape, C.TRAIN_SCALE_NM)
+        expected = np.where(covered >= 0.5, fraction >= covered / 2, UNANNOTATED).astype(np.uint8)
+        got = crop.labels[cache.classes.index(cls)]
+        # the reference's supersampling is exact to 1/400 of a voxel: voxels within that of a tie may differ
+        near_tie = (np.abs(fraction - covered / 2) < 5e-3) | (np.abs(covered - 0.5) < 5e-3)
+        assert np.array_equal(got[~near_tie], expected[~near_tie]), cls
+        assert (got == UNANNOTATED).any() and (got == 1).any()
+
+
+def test_fine_raw_is_area_averaged(cache, entries):
+    e = next(e for e in entries if e.name == "synth_aniso/crop203")
+    crop = next(c for c in cache.crops if c.name == e.name)
+    level = read_levels(e.raw_path)[0]  # 6 x 4 x 4: finer than 8 nm on every axis
+    raw = np.asarray(zarr.open_array(level.path, mode="r")).astype(np.float64)
+    window, valid = crop.raw_window((0, 0, 0), crop.shape)
+    expected = reference_area(raw, level.scale, level.translation, crop.grid_start, crop.shape, C.TRAIN_SCALE_NM)
+    assert valid.mean() > 0.95
+    assert np.abs(window[valid].astype(np.float64) - np.rint(expected[valid])).max() <= 1
 
 
 def test_instance_ids_are_binarised_and_unannotated_code(cache):
     for crop in cache.crops:
-        values = set(np.unique(np.asarray(crop.labels)).tolist())
-        assert values <= {0, 1, UNANNOTATED}
+        labels = crop.labels
+        assert set(np.unique(labels).tolist()) <= {0, 1, UNANNOTATED}
         for k, annotated in enumerate(crop.annotated):
             if not annotated:
-                assert (np.asarray(crop.labels[k]) == UNANNOTATED).all()
+                assert (labels[k] == UNANNOTATED).all()
 
 
-def test_cache_is_reused_and_rebuilt_when_stale(entries, tmp_path):
+def test_one_cache_serves_every_class_subset_and_split(entries, cache_dir, cache):
     few = [e for e in entries if e.name.startswith("synth_iso")][:2]
-    first = prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, TEST_MARGIN, cache_root=tmp_path, progress=False)
-    again = prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, TEST_MARGIN, cache_root=tmp_path, progress=False)
-    assert again.directory == first.directory
-    other = prepare_cache(few, C.QUICK_CLASSES, (16.0, 16.0, 16.0), TEST_MARGIN, cache_root=tmp_path, progress=False)
-    assert other.directory != first.directory
-    changed = Path(few[0].crop_path) / "nuc"
+    subset = prepare_cache(few, ("nuc", "pm"), C.TRAIN_SCALE_NM, cache_root=cache_dir, progress=False)
+    moved = [CropEntry("validate" if e.split == "train" else "train", e.raw_path, e.crop_path, e.classes, e.row)
+             for e in reversed(few)]
+    other = prepare_cache(moved, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=cache_dir, progress=False, build=False)
+    full = {c.name: c for c in cache.crops}
+    for crop in subset.crops:
+        assert crop.directory == full[crop.name].directory  # the same files, not a copy
+        ref = full[crop.name].labels
+        assert np.array_equal(crop.labels, ref[[cache.classes.index(c) for c in ("nuc", "pm")]])
+    assert {c.name: c.split for c in other.crops} == {e.name: e.split for e in moved}
+
+
+def test_cache_is_rebuilt_when_a_source_changes_or_the_scale_differs(entries, tmp_path):
+    few = [e for e in entries if e.name.startswith("synth_iso")][:1]
+    first = prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, progress=False)
+    other = prepare_cache(few, C.QUICK_CLASSES, (16.0, 16.0, 16.0), cache_root=tmp_path, progress=False)
+    assert other.crops[0].directory != first.crops[0].directory
+    changed = Path(few[0].crop_path) / "nuc" / "s0"
     before = changed.stat()
     os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a changed source array
     try:
-        rebuilt = prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, TEST_MARGIN, cache_root=tmp_path, progress=False)
-        assert rebuilt.directory != first.directory
+        rebuilt = prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, progress=False)
+        assert rebuilt.crops[0].directory != first.crops[0].directory
     finally:  # the synthetic set is shared by the session: restore it
         os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_labels_are_stored_only_for_annotated_classes_and_bit_packed(cache):
+    crop = next(c for c in cache.crops if c.name == "synth_aniso/crop202")  # 8 of the 14 classes
+    files = sorted(p.name for p in crop.directory.glob("label_*.npy"))
+    assert files == sorted(f"label_{c}.npy" for c, a in zip(cache.classes, crop.annotated) if a) and len(files) == 8
+    info = crop.stored[cache.classes.index("nuc")]
+    assert np.load(crop.directory / info["file"]).nbytes <= np.prod(info["box_shape"]) / 8 + np.prod(info["box_shape"][:2])
 
 
 def test_small_crop_is_kept_and_report_names_splits(cache, entries):
@@ -91,3 +160,194 @@ def test_small_crop_is_kept_and_report_names_splits(cache, entries):
 def test_frequencies_in_unit_interval(cache):
     freq = cache.class_frequencies("train")
     assert set(freq) == set(cache.classes) and all(0 < f < 1 for f in freq.values())
+
+
+# ---------------------------------------------------------------------------------------------- missing raw
+@pytest.fixture
+def holey_root(tmp_path) -> Path:
+    """One dataset: raw at 8 nm (64^3, chunks of 16^3) with the chunks of one octant and of the top never
+    written (as csc fetch-data leaves them), a coarser 32 nm level written everywhere, and three crops:
+    crop1 (8 nm, over written and missing raw), crop2 (32 nm labels near raw that exists only at 32 nm) and
+    crop3 (8 nm, beyond the 8 nm level's extent)."""
+    rng = np.random.default_rng(0)
+    raw_dir = tmp_path / "ds/ds.zarr/recon-1/em/fibsem-uint8"
+    raw = (rng.integers(40, 216, size=(64, 64, 64))).astype(np.uint8)
+    group = zarr.open_group(str(raw_dir), mode="w")
+    s0 = group.create_dataset("s0", shape=raw.shape, chunks=(16, 16, 16), dtype="uint8", write_empty_chunks=False)
+    written = np.ones((4, 4, 4), dtype=bool)
+    written[:2, :2, :2] = False     # an octant never fetched
+    written[3] = False              # nor the top
+    for c in np.argwhere(written):
+        z, y, x = c * 16
+        s0[z:z + 16, y:y + 16, x:x + 16] = raw[z:z + 16, y:y + 16, x:x + 16]
+    group.create_dataset("s1", data=raw[::4, ::4, ::4], chunks=(16, 16, 16))  # "32 nm" (the average is irrelevant)
+    group.attrs.update(multiscales_attrs([("s0", (8, 8, 8), (0, 0, 0)), ("s1", (32, 32, 32), (12, 12, 12))]))
+    gt = tmp_path / "ds/ds.zarr/recon-1/labels/groundtruth"
+    labels = (rng.random((48, 48, 48)) > 0.7).astype(np.uint8)
+    write_level(gt / "crop1/mito_mem", [(labels, (8, 8, 8), (8, 8, 8))])
+    write_level(gt / "crop1/nuc", [(labels[::-1].astype(np.uint32) * 70000, (8, 8, 8), (8, 8, 8))])
+    write_level(gt / "crop2/nuc", [(np.ones((4, 4, 4), np.uint8), (32, 32, 32), (12, 12, 12))])
+    write_level(gt / "crop3/nuc", [(np.ones((8, 8, 8), np.uint8), (8, 8, 8), (800, 0, 0))])
+    np.save(tmp_path / "truth_raw.npy", raw)
+    np.save(tmp_path / "written.npy", written)
+    return tmp_path
+
+
+def test_missing_raw_chunks_are_a_mask_not_zeros(holey_root, tmp_path):
+    cache = prepare_cache([entry(holey_root, "crop1", ("mito_mem", "nuc"))], ("mito_mem", "nuc"), C.TRAIN_SCALE_NM,
+                          cache_root=tmp_path / "cache", progress=False)
+    (crop,) = cache.crops
+    raw, written = np.load(holey_root / "truth_raw.npy"), np.load(holey_root / "written.npy")
+    g = crop.grid_start  # the labels start at 8 nm: grid voxel 1 (voxel j is centred at j x 8 nm), raw voxel 1
+    assert g == (1, 1, 1) and crop.shape == (48, 48, 48)
+    window, valid = crop.raw_window(tuple(-v for v in g), (64, 64, 64))  # the whole raw volume
+    expected_valid = written.repeat(16, 0).repeat(16, 1).repeat(16, 2)
+    assert np.array_equal(valid, expected_valid[:, :, :] & _stored(crop, g))
+    assert np.array_equal(window[valid], raw[valid]) and (window[~valid] == 0).all()
+    assert crop.raw_coverage == pytest.approx(expected_valid[1:49, 1:49, 1:49].mean(), abs=0.02)
+    # A patch over the hole: labels under missing raw are masked; the raw there is the valid mean, not 0.
+    patch = cut_patch(crop, (0, 0, 0), (1, 32, 32), (1, 32, 32))
+    hole = ~expected_valid[1, 1:33, 1:33]
+    assert hole.any() and (patch.labels[:, 0][:, hole] == UNANNOTATED).all()
+    assert (patch.labels[:, 0][:, ~hole] != UNANNOTATED).all()
+    assert patch.missing == pytest.approx(hole.mean()) and len(np.unique(patch.raw[0][hole])) == 1
+    assert patch.raw[0][hole][0] == round(float(raw[1, 1:33, 1:33][~hole].mean()))
+
+
+def _stored(crop, g) -> np.ndarray:
+    """The raw volume's voxels inside the region stored around the crop (crop box + margin, where raw exists)."""
+    inside = np.zeros((64, 64, 64), dtype=bool)
+    lo = np.array(crop.raw["region_start"]) + g
+    hi = lo + np.array(crop.raw["region_shape"])
+    inside[tuple(slice(max(0, a), min(64, b)) for a, b in zip(lo, hi))] = True
+    return inside
+
+
+def test_training_patches_respect_the_missing_raw_limit(holey_root, tmp_path):
+    cache = prepare_cache([entry(holey_root, "crop1", ("mito_mem", "nuc"))], ("mito_mem", "nuc"), C.TRAIN_SCALE_NM,
+                          cache_root=tmp_path / "cache", progress=False)
+    spec = PatchSpec((5, 32, 32), 2)
+    patches = TrainPatches(cache, spec, seed=0, augment=False, max_missing=0.25)
+    crop = cache.crops[0]
+    missing = []
+    for i in range(200):
+        rng = np.random.default_rng([0, 0, 0, i])
+        ci, centre = patches._draw(rng)
+        missing.append(cut_patch(crop, centre - np.array(spec.raw_shape) // 2, spec.raw_shape, spec.label_shape).missing)
+        sample = patches[(0, i)]
+        assert sample["raw"].shape == (5, 32, 32)
+    assert np.mean(np.array(missing) > 0.25) < 0.2  # the block estimate places most draws; the rest are redrawn
+    fallback = patches.centres[0].fallback() - np.array(spec.raw_shape) // 2
+    assert cut_patch(crop, fallback, spec.raw_shape, spec.label_shape).missing <= 0.25
+    assert patches.sample_shares() == {crop.name: 1.0}
+
+
+def test_crop_without_raw_at_the_training_scale_is_skipped_with_the_fix(holey_root, tmp_path):
+    tracemalloc.start()
+    cache = prepare_cache([entry(holey_root, "crop1", ("nuc",)), entry(holey_root, "crop2", ("nuc",)),
+                           entry(holey_root, "crop3", ("nuc",), split="validate")], ("nuc",), C.TRAIN_SCALE_NM,
+                          cache_root=tmp_path / "cache", progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20
+    rows = {r["name"]: r for r in cache.rows}
+    assert rows["ds/crop1"]["status"] == "used"
+    assert rows["ds/crop2"]["status"] == "skipped" and "no raw EM at 8 x 8 x 8 nm or finer" in rows["ds/crop2"]["reason"]
+    assert "only at 32 x 32 x 32 nm" in rows["ds/crop2"]["reason"] and "--fetch-all-em-resolutions" in rows["ds/crop2"]["fix"]
+    assert rows["ds/crop3"]["status"] == "skipped" and rows["ds/crop3"]["reason"] == "crop lies outside its raw volume"
+    text = "\n".join(data_report([entry(holey_root, c, ("nuc",)) for c in ("crop1", "crop2", "crop3")], cache))
+    assert "dropped ds/crop2 (labels at 32 x 32 x 32 nm): no raw EM" in text and "fix: fetch its EM" in text
+    table = crops_table(cache, {"ds/crop1": 1.0}, {})
+    assert [(r["name"], r["status"], r["sample_share"]) for r in table] == [
+        ("ds/crop1", "used", 1.0), ("ds/crop2", "skipped", None), ("ds/crop3", "skipped", None)]
+    assert table[0]["label_voxel_size"] == [8.0, 8.0, 8.0] and table[0]["raw_coverage"] < 1
+
+
+def test_coarse_crop_with_raw_reads_it_on_demand(holey_root, tmp_path, monkeypatch):
+    """A crop whose raw region is too large to cache keeps only the chunk presence and reads raw per patch."""
+    import crop_prep
+
+    monkeypatch.setattr(crop_prep, "RAW_CACHE_VOXELS", 1000)
+    cache = prepare_cache([entry(holey_root, "crop1", ("nuc",))], ("nuc",), C.TRAIN_SCALE_NM,
+                          cache_root=tmp_path / "cache", progress=False)
+    (crop,) = cache.crops
+    assert crop.raw["mode"] == "zarr" and not (crop.directory / "raw.npy").exists()
+    raw, written = np.load(holey_root / "truth_raw.npy"), np.load(holey_root / "written.npy")
+    window, valid = crop.raw_window((0, 0, 0), crop.shape)
+    expected_valid = written.repeat(16, 0).repeat(16, 1).repeat(16, 2)[1:49, 1:49, 1:49]
+    assert np.array_equal(valid, expected_valid) and np.array_equal(window[valid], raw[1:49, 1:49, 1:49][valid])
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+def test_parallel_preparation_gives_the_same_cache(entries, tmp_path, cache):
+    few = [e for e in entries if e.name in ("synth_iso/crop104", "synth_aniso/crop202", "synth_iso/crop105")]
+    parallel = prepare_cache(few, C.ALL_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, workers=2, progress=False)
+    serial = {c.name: c for c in cache.crops}
+    for crop in parallel.crops:
+        assert np.array_equal(crop.labels, serial[crop.name].labels)
+        assert np.array_equal(crop.raw_window((0, 0, 0), crop.shape)[0],
+                              serial[crop.name].raw_window((0, 0, 0), crop.shape)[0])
+
+
+PREPARE = ("import sys; sys.path.insert(0, {repo!r}); import config_shenron as C; from cache import prepare_cache;"
+           "from datasplit import read_datasplit; prepare_cache(read_datasplit({csv!r}), C.QUICK_CLASSES, "
+           "C.TRAIN_SCALE_NM, cache_root={root!r}, progress=False); print('ok')")
+
+
+def test_two_processes_preparing_the_same_cache_share_it(synthetic_root, tmp_path):
+    code = PREPARE.format(repo=str(REPO), csv=str(synthetic_root / "datasplit.csv"), root=str(tmp_path / "c"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    metas = list((tmp_path / "c").rglob("meta.json"))
+    assert len(metas) == 8 and not list((tmp_path / "c").rglob("*.tmp"))
+
+
+def test_interrupted_preparation_is_one_line_and_resumes(synthetic_root, tmp_path, cli_env):
+    """SIGTERM while a training run prepares the cache: one line, exit 130, finished crops kept for the next run."""
+    cli_env["CELLMAP_CACHE_DIR"] = str(tmp_path / "c")
+    proc = subprocess.Popen([sys.executable, "train_local.py", *TINY_RUN_OPTIONS, "--workers", "1", "--data-root",
+                             str(synthetic_root), "--out-dir", str(tmp_path / "runs")], cwd=REPO, env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "c").rglob("meta.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    assert proc.returncode == 130 and len(lines) == 1, err
+    assert lines[0].startswith("error: interrupted while preparing the crop cache") and "run again" in lines[0]
+    code = PREPARE.format(repo=str(REPO), csv=str(synthetic_root / "datasplit.csv"), root=str(tmp_path / "c"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and len(list((tmp_path / "c").rglob("meta.json"))) == 8
+    assert not list((tmp_path / "c").rglob("*.tmp"))
+
+
+def test_corrupt_cache_files_are_named_with_the_fix(entries, tmp_path):
+    few = [e for e in entries if e.name == "synth_iso/crop104"]
+    crop = prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, progress=False).crops[0]
+    raw_file = crop.directory / "raw.npy"
+    data = bytearray(raw_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF                       # one changed byte
+    raw_file.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{raw_file}.*changed since it was written.*delete the cache entry"):
+        prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, progress=False)
+    raw_file.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(DataError, match=f"{raw_file} has .* bytes.*truncated"):
+        prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, progress=False)
+
+
+def test_disk_full_while_preparing_is_one_line_and_leaves_no_temporary_file(entries, tmp_path, monkeypatch):
+    real_save = np.save
+
+    def full_disk(f, array, *args, **kwargs):
+        if getattr(f, "name", "").endswith(".tmp") and "foreground" in f.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(f, array, *args, **kwargs)
+
+    monkeypatch.setattr(crop_store.np, "save", full_disk)
+    few = [e for e in entries if e.name == "synth_iso/crop104"]
+    with pytest.raises(DataError, match="disk full while writing the crop cache .*foreground.npy.*MB free"):
+        prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("meta.json"))

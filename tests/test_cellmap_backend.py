@@ -17,7 +17,7 @@ import cellmap_backend
 import config_shenron as C
 from cellmap_backend import CellMapTrainLoader
 from conftest import TEST_PATCH_YX, TINY_RUN_OPTIONS
-from cache import UNANNOTATED, cache_margin, prepare_cache
+from cache import UNANNOTATED, prepare_cache
 from ngff import read_levels
 from runfiles import load_json
 from sampling import EpochSampler, PatchSpec, TrainPatches, make_loader, to_model_inputs
@@ -73,8 +73,7 @@ def read_window(path: str, start, shape, fill: int) -> np.ndarray:
 @pytest.mark.parametrize("model", list(SPECS))
 def test_batches_have_the_toolkit_format(synthetic_root, entries, cache_dir, model):
     spec = SPECS[model]
-    cache = prepare_cache(entries, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_margin(C.PROFILES["cpu"], spec.raw_shape),
-                          cache_root=cache_dir, progress=False)
+    cache = prepare_cache(entries, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=cache_dir, progress=False)
     toolkit = next(iter(make_loader(TrainPatches(cache, spec, seed=0), 4, 0, EpochSampler(4))))
     ours = epoch_batches(backend(synthetic_root, spec, samples=4))[0]
     for key in ("raw", "labels"):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 
+import numpy as np
 import pytest
 import zarr
 
@@ -70,18 +72,35 @@ def test_missing_multiscales_and_wrong_dtype_are_named(synthetic_root, tmp_path)
 
 
 def test_write_datasplit_scans_root_and_splits_both_sides(synthetic_root, tmp_path):
-    out = write_datasplit(synthetic_root, tmp_path / "split.csv", val_fraction=0.01, seed=5)
+    out, dropped = write_datasplit(synthetic_root, tmp_path / "split.csv", val_fraction=0.01, seed=5)
+    assert dropped == []
     written = read_datasplit(out)
     original = read_datasplit(synthetic_root / "datasplit.csv")
     assert {e.crop_path for e in written} == {e.crop_path for e in original}
     assert {e.crop_path: e.classes for e in written} == {e.crop_path: e.classes for e in original}
     assert sum(e.split == "validate" for e in written) == 1 and sum(e.split == "train" for e in written) >= 1
-    again = read_datasplit(write_datasplit(synthetic_root, tmp_path / "again.csv", val_fraction=0.01, seed=5))
+    again = read_datasplit(write_datasplit(synthetic_root, tmp_path / "again.csv", val_fraction=0.01, seed=5)[0])
     assert [e.split for e in again] == [e.split for e in written]
     quoted_row = re.compile(r'^"[^"]*"(,"[^"]*"){4}$')
     assert all(quoted_row.match(line) for line in (tmp_path / "split.csv").read_text().splitlines())
-    fine = read_datasplit(write_datasplit(synthetic_root, tmp_path / "fine.csv", max_scale_nm=6.0))
+    fine = read_datasplit(write_datasplit(synthetic_root, tmp_path / "fine.csv", max_scale_nm=6.0)[0])
     assert fine and all(e.name.startswith("synth_aniso") for e in fine)
+
+
+def test_write_datasplit_filters_classes_and_scales_like_the_official_tool_and_says_what_it_dropped(
+        synthetic_root, tmp_path):
+    """The official make-datasplit keeps a class array whose voxel size is at most --scale on every axis:
+    crop105's nuc (16 nm) goes, its 8-nm classes stay; a class filter keeps only the classes asked for."""
+    out, dropped = write_datasplit(synthetic_root, tmp_path / "s.csv", max_scale_nm=8.0, classes=("nuc", "pm"))
+    rows = {e.name: e.classes for e in read_datasplit(out)}
+    assert rows["synth_iso/crop105"] == ("pm",) and rows["synth_iso/crop101"] == ("nuc", "pm")
+    assert rows["synth_aniso/crop202"] == ("nuc",)
+    assert dropped[0] == "dropped 1 class arrays coarser than --max-scale 8 nm (e.g. synth_iso/crop105/nuc at 16 x 16 x 16 nm)"
+    assert dropped[1].startswith("left out 12 classes that are not requested: ecs, endo_lum")
+    out, dropped = write_datasplit(synthetic_root, tmp_path / "t.csv", max_scale_nm=6.0, classes=("nuc", "pm"))
+    assert "dropped 5 crops with none of the requested classes left (e.g. synth_iso/crop101)" in dropped
+    with pytest.raises(DataError, match="found 0 labelled crop"):
+        write_datasplit(synthetic_root, tmp_path / "u.csv", max_scale_nm=2.0)
 
 
 def test_resolve_data_root_errors_for_explicit_bad_roots(tmp_path, monkeypatch):
@@ -93,3 +112,97 @@ def test_resolve_data_root_errors_for_explicit_bad_roots(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLMAP_DATA_ROOT", str(tmp_path / "gone"))
     with pytest.raises(DataError, match=r"\$CELLMAP_DATA_ROOT .*does not exist"):
         resolve_data_root(None)
+
+
+# ---------------------------------------------------------------------------------------------- split-level rules
+def _split_rows(synthetic_root):
+    """(a train row, another train row, a validate row) of the synthetic datasplit."""
+    rows = _rows(synthetic_root / "datasplit.csv")
+    train = [r for r in rows if r[0] == "train"]
+    return train[0], train[1], next(r for r in rows if r[0] == "validate")
+
+
+def test_duplicate_rows_and_a_crop_in_both_splits_are_refused(synthetic_root, tmp_path):
+    first, second, val = _split_rows(synthetic_root)
+    duplicate = _write(tmp_path / "duplicate.csv", [first, second, val, first])
+    with pytest.raises(DataError) as info:
+        read_datasplit(duplicate)
+    assert re.search(rf"{re.escape(str(duplicate))} rows 1 and 4: .*crop.*twice", str(info.value)), str(info.value)
+    leak = _write(tmp_path / "leak.csv", [first, val, ["validate", *first[1:]]])
+    with pytest.raises(DataError) as info:
+        read_datasplit(leak)
+    message = str(info.value)
+    assert f"{leak} rows 1 and 3" in message and "train and validate" in message, message
+
+
+def test_an_empty_class_list_is_refused(synthetic_root, tmp_path):
+    first, _, val = _split_rows(synthetic_root)
+    empty = [*first[:4], re.sub(r"\[.*\]$", "[]", first[4])]
+    path = _write(tmp_path / "empty.csv", [val, empty])
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))} row 2: .*empty class list"):
+        read_datasplit(path)
+
+
+@pytest.mark.parametrize("missing", ["validate", "train"])
+def test_a_split_with_no_row_is_refused(synthetic_root, tmp_path, missing):
+    rows = [r for r in _split_rows(synthetic_root) if r[0] != missing]
+    path = _write(tmp_path / "one-sided.csv", rows)
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: no '{missing}' row"):
+        read_datasplit(path)
+
+
+# ---------------------------------------------------------------------------------------------- how a row is read
+def test_relative_paths_are_resolved_against_the_csv_folder(synthetic_root, tmp_path, monkeypatch):
+    rows = [[r[0], os.path.relpath(r[1], tmp_path), r[2], os.path.relpath(r[3], tmp_path), r[4]]
+            for r in _split_rows(synthetic_root)]
+    path = _write(tmp_path / "relative.csv", rows)
+    elsewhere = tmp_path / "elsewhere" / "deeper"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)  # where the relative paths lead nowhere
+    entries = read_datasplit(path)
+    assert entries[0].raw_path == str(synthetic_root / "synth_iso/synth_iso.zarr/recon-1/em/fibsem-uint8")
+    missing = _write(tmp_path / "missing.csv", [["train", "nowhere.zarr", *rows[0][2:]], *rows[1:]])
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'nowhere.zarr'))}.*relative paths .* "
+                                        rf"{re.escape(str(tmp_path))}"):
+        read_datasplit(missing)
+
+
+def test_a_utf8_byte_order_mark_is_ignored(synthetic_root, tmp_path):
+    plain = _write(tmp_path / "plain.csv", _split_rows(synthetic_root))
+    with_bom = tmp_path / "bom.csv"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_datasplit(with_bom) == read_datasplit(plain)
+
+
+def test_spaces_after_the_commas_are_accepted(synthetic_root, tmp_path):
+    plain = _write(tmp_path / "plain.csv", _split_rows(synthetic_root))
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("\n".join(", ".join(f'"{field}"' for field in row) for row in _rows(plain)) + "\n")
+    assert read_datasplit(spaced) == read_datasplit(plain)
+
+
+def test_write_datasplit_writes_absolute_paths_for_a_relative_root(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(synthetic_root.parent)
+    out, _ = write_datasplit(synthetic_root.name, tmp_path / "split.csv")
+    assert all(os.path.isabs(r[1]) and os.path.isabs(r[3]) for r in _rows(out))
+    assert read_datasplit(out)
+
+
+# ---------------------------------------------------------------------------------------------- a crop's arrays
+def test_the_class_arrays_of_a_crop_must_cover_the_same_box(synthetic_root, tmp_path):
+    from ngff import multiscales_attrs
+
+    def add_class(cls, translation_voxels):
+        group = zarr.open_group(str(tmp_path / f"labels.zarr/crop7/{cls}"), mode="w")
+        group.create_dataset("s0", data=np.zeros((4, 16, 16), np.uint8), chunks=(4, 16, 16))
+        group.attrs.update(multiscales_attrs([("s0", (8, 8, 8), np.array(translation_voxels) * 8.0)]))
+
+    add_class("nuc", (0, 0, 0))
+    add_class("pm", (0, 6, 0))  # 6 voxels off in y
+    first, _, val = _split_rows(synthetic_root)
+    path = _write(tmp_path / "shifted.csv", [val, [first[0], first[1], first[2], str(tmp_path / "labels.zarr"),
+                                                   "crop7/[nuc,pm]"]])
+    with pytest.raises(DataError) as info:
+        read_datasplit(path)
+    message = str(info.value)
+    assert "row 2" in message and "'nuc'" in message and "'pm'" in message and "box" in message, message

@@ -14,14 +14,14 @@ import zarr
 
 import config_shenron as C
 import evaluate
+import evaluation
 import inference
 from engine import validate
 from conftest import TINY_RUN_OPTIONS, run_script
 from errors import RunFileError
-from cache import CachedCrop, CropCache, UNANNOTATED, cache_margin, prepare_cache
+from cache import CropCache, UNANNOTATED, prepare_cache
 from datasplit import read_datasplit
 from sampling import PatchSpec, ValidationTiles, make_loader, tile_starts
-from metrics import ConfusionCounter
 from models import UNet
 
 VAL_CROP = "tiny_iso/crop3"  # tiny_root's validation crop: 8 x 48 x 48 at 8 nm
@@ -55,7 +55,7 @@ def evaluate_cli(run_dir, *options, env):
 
 
 def assert_reproduces(report: dict, recorded: dict) -> None:
-    """Independent of evaluate.compare_with_recorded: means within 1e-6 and identical per-class counts."""
+    """Independent of evaluation.compare_with_recorded: means within 1e-6 and identical per-class counts."""
     assert abs(report["mean_dice"] - recorded["mean_dice"]) <= 1e-6
     assert abs(report["mean_iou"] - recorded["mean_iou"]) <= 1e-6
     for cls, then in recorded["per_class"].items():
@@ -121,12 +121,12 @@ def test_last_checkpoint_and_overlap_zero_match_the_training_tiling(tiny_run, ca
     results = json.loads((tiny_run / "results.json").read_text())
     assert state["epoch"] == results["history"][-1]["epoch"] == 2
     spec = PatchSpec(cfg.patch_shape, C.MODELS[cfg.model].dims)
-    cache = prepare_cache(read_datasplit(results["datasplit"]), cfg.classes, cfg.scale_nm,
-                          cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape), cache_root=cache_dir, build=False)
+    cache = prepare_cache(read_datasplit(results["datasplit"]), cfg.classes, cfg.scale_nm, cache_root=cache_dir,
+                          build=False)
     crops = cache.split("validate")
     training = validate(model, make_loader(ValidationTiles(cache, spec), cfg.batch_size, 0), cfg.classes, "cpu")
     assert_reproduces(training, results["history"][-1])
-    comparison = evaluate.compare_with_recorded(training, results["history"][-1])
+    comparison = evaluation.compare_with_recorded(training, results["history"][-1])
     assert comparison["reproduced"] and comparison["max_abs_difference"] <= 1e-6
     # Overlap 0 with the training tile size: the same tiles, so the same counts and the same sweep.
     sliding = inference.sliding_window_report(model, crops, spec, cfg.classes, "cpu", overlap=0.0, batch_size=cfg.batch_size)
@@ -136,7 +136,7 @@ def test_last_checkpoint_and_overlap_zero_match_the_training_tiling(tiny_run, ca
     altered = json.loads(json.dumps(results["history"][-1]))
     altered["per_class"]["nuc"]["tp"] += 1
     altered["mean_dice"] += 1e-4
-    assert not evaluate.compare_with_recorded(training, altered)["reproduced"]
+    assert not evaluation.compare_with_recorded(training, altered)["reproduced"]
 
 
 def test_load_run_model(tiny_run):
@@ -191,13 +191,40 @@ def test_bad_input_exits_2_with_one_line(case, options, message, tiny_run, tmp_p
 # ----------------------------------------------------------------------------------------------------
 # Sliding window against known-output models (in-memory crops)
 # ----------------------------------------------------------------------------------------------------
-def memory_crop(shape, margin, classes: int = 2, seed: int = 0) -> CachedCrop:
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=[n + 2 * m for n, m in zip(shape, margin)], dtype=np.uint8)
-    labels = rng.integers(0, 2, size=(classes, *shape), dtype=np.uint8)
-    labels[:, : shape[0] // 3, :5] = UNANNOTATED
-    return CachedCrop("mem/crop1", "validate", Path("/nonexistent"), tuple(shape), (3, 10, 20), tuple(margin),
-                      np.ones(classes, bool), (labels == 1).reshape(classes, -1).sum(1), _arrays={"raw": raw, "labels": labels})
+class MemoryCrop:
+    """A crop held in memory with cache.CachedCrop's window interface: random raw over the crop and a margin
+    around it (missing beyond), random labels with an unannotated corner."""
+
+    def __init__(self, shape, margin, classes: int = 2, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.name, self.split, self.grid_start, self.shape = "mem/crop1", "validate", (3, 10, 20), tuple(shape)
+        self.margin = tuple(margin)
+        self.stored_raw = rng.integers(0, 256, size=[n + 2 * m for n, m in zip(shape, margin)], dtype=np.uint8)
+        self.labels = rng.integers(0, 2, size=(classes, *shape), dtype=np.uint8)
+        self.labels[:, : shape[0] // 3, :5] = UNANNOTATED
+        self.annotated = np.ones(classes, bool)
+        self.positives = (self.labels == 1).reshape(classes, -1).sum(1)
+
+    @staticmethod
+    def _window(array, start, shape, offset, fill):
+        out = np.full(array.shape[:-3] + tuple(shape), fill, dtype=array.dtype)
+        src = [slice(max(0, s + o), min(n, s + o + k)) for s, o, k, n in zip(start, offset, shape, array.shape[-3:])]
+        if all(sl.stop > sl.start for sl in src):
+            dst = tuple(slice(sl.start - s - o, sl.stop - s - o) for sl, s, o in zip(src, start, offset))
+            out[(..., *dst)] = array[(..., *src)]
+        return out
+
+    def raw_window(self, start, shape):
+        raw = self._window(self.stored_raw, start, shape, self.margin, 0)
+        valid = self._window(np.ones(self.stored_raw.shape, bool), start, shape, self.margin, False)
+        return raw, valid
+
+    def label_window(self, start, shape):
+        return self._window(self.labels, start, shape, (0, 0, 0), UNANNOTATED)
+
+
+def memory_crop(shape, margin, classes: int = 2, seed: int = 0) -> MemoryCrop:
+    return MemoryCrop(shape, margin, classes, seed)
 
 
 class TileMean(torch.nn.Module):
@@ -235,7 +262,7 @@ def test_blending_weights_are_a_gaussian_average():
     plain_total, tiles_per_voxel = np.zeros(crop.shape), np.zeros(crop.shape)
     m = crop.margin
     for z, y, x in itertools.product(range(3), tile_starts(40, 16, 8), tile_starts(37, 16, 8)):
-        tile_raw = crop.raw[z, y + m[1]: y + m[1] + 16, x + m[2]: x + m[2] + 16]
+        tile_raw = crop.stored_raw[z, y + m[1]: y + m[1] + 16, x + m[2]: x + m[2] + 16]
         value = np.clip(tile_raw.astype(np.float64).mean() / 255, 1e-4, 1 - 1e-4)
         ys, xs = slice(max(y, 0), min(y + 16, 40)), slice(max(x, 0), min(x + 16, 37))
         w = weight[ys.start - y: ys.stop - y, xs.start - x: xs.stop - x]
@@ -261,7 +288,7 @@ def test_sliding_window_aligns_raw_context_with_the_crop(dims, raw_shape, channe
     crop = memory_crop((11, 30, 25), (4, 8, 8), seed=1)
     probs = inference.predict_crop(PickInput(channel), crop, PatchSpec(raw_shape, dims), "cpu", overlap=0.5, batch_size=5)
     m = crop.margin
-    raw_at_voxel = crop.raw[m[0] + z_offset: m[0] + z_offset + 11, m[1]: m[1] + 30, m[2]: m[2] + 25] / 255.0
+    raw_at_voxel = crop.stored_raw[m[0] + z_offset: m[0] + z_offset + 11, m[1]: m[1] + 30, m[2]: m[2] + 25] / 255.0
     np.testing.assert_allclose(probs[1], 0.1 + 0.8 * raw_at_voxel, atol=1e-5)
 
 
@@ -270,7 +297,7 @@ def test_overlap_zero_equals_validate_counts(dims, raw_shape):
     torch.manual_seed(0)
     spec = PatchSpec(raw_shape, dims)
     crops = [memory_crop((9, 30, 25), (4, 8, 8), seed=2), memory_crop((6, 17, 40), (4, 8, 8), seed=3)]
-    cache = CropCache(Path("/nonexistent"), ("a", "b"), (8.0, 8.0, 8.0), (4, 8, 8), crops, [])
+    cache = CropCache(Path("/nonexistent"), ("a", "b"), (8.0, 8.0, 8.0), crops, [])
     model = UNet(raw_shape[0] if dims == 2 else 1, 2, dims=dims, base_channels=4, depth=2).eval()
     expected = validate(model, make_loader(ValidationTiles(cache, spec), 3, 0), ("a", "b"), "cpu")
     report = inference.sliding_window_report(model, crops, spec, ("a", "b"), "cpu", overlap=0.0, batch_size=3)
@@ -279,22 +306,64 @@ def test_overlap_zero_equals_validate_counts(dims, raw_shape):
     assert 0 < expected["per_class"]["a"]["tp"] < expected["per_class"]["a"]["annotated_voxels"]
 
 
-def test_predict_crop_refuses_a_margin_too_small_for_the_context():
-    with pytest.raises(ValueError, match="margin"):
-        inference.predict_crop(PickInput(), memory_crop((4, 20, 20), (1, 8, 8)), PatchSpec((5, 16, 16), 2), "cpu")
+def test_sliding_window_masks_voxels_whose_raw_is_missing():
+    """Raw beyond what is stored around a crop is missing: the sliding window still predicts every voxel, and
+    the labels under missing raw are left out of the counts (as in training and in the training tiling)."""
+    crop = memory_crop((4, 20, 20), (0, 8, 8))  # no raw above or below the crop: 2.5D context is missing
+    spec = PatchSpec((5, 16, 16), 2)
+    probs = inference.predict_crop(PickInput(), crop, spec, "cpu")
+    assert probs.shape == (2, 4, 20, 20) and np.isfinite(probs).all()
+    tiles = ValidationTiles(CropCache(Path("/nonexistent"), ("a", "b"), (8.0, 8.0, 8.0), [crop], []), spec)
+    sample = tiles[0]
+    assert (sample["labels"] != UNANNOTATED).any(), "the target slice's raw exists: its labels count"
 
 
-def test_count_crop_matches_a_numpy_count(monkeypatch):
-    rng = np.random.default_rng(4)
-    probs = rng.random((2, 5, 7, 9)).astype(np.float32)
-    labels = rng.integers(0, 2, size=(2, 5, 7, 9), dtype=np.uint8)
-    labels[1, :2] = UNANNOTATED
-    counter = ConfusionCounter(2, "cpu")
-    monkeypatch.setattr(inference, "COUNT_SLAB_VOXELS", 2 * 2 * 7 * 9)  # slabs of 2 slices: 5 = 2 + 2 + 1
-    inference.count_crop(counter, probs, labels)
-    report = counter.compute(["a", "b"])
-    for k, cls in enumerate(["a", "b"]):
-        valid, pos, pred = labels[k] != UNANNOTATED, labels[k] == 1, probs[k] >= 0.5
-        assert report["per_class"][cls]["tp"] == int((pred & pos).sum())
-        assert report["per_class"][cls]["fp"] == int((pred & valid & ~pos).sum())
-        assert report["per_class"][cls]["fn"] == int((~pred & pos).sum())
+def test_counting_targets_mask_unannotated_voxels_and_missing_raw():
+    crop = memory_crop((5, 7, 9), (0, 0, 0), seed=4)
+    target = inference.labels_for_counting(crop, 1, 3)       # z slab 1 .. 3
+    labels = crop.labels[:, 1:4]
+    assert target.shape == (1, 2, 3, 7, 9)
+    assert torch.equal(torch.isnan(target[0]), torch.from_numpy(labels == UNANNOTATED))
+    crop.stored_raw[2, :3] = 0
+    crop.margin = (0, 0, 0)
+    missing = MemoryCrop((5, 7, 9), (0, 0, 0), seed=4)
+    missing.raw_window = lambda start, shape: (np.zeros(shape, np.uint8), np.zeros(shape, bool))
+    assert torch.isnan(inference.labels_for_counting(missing, 0, 5)).all(), "no raw: nothing counts"
+
+
+def test_official_tta_and_orthoplane_options_write_labelled_scores(tiny_run, cli_env):
+    proc = evaluate_cli(tiny_run, "--checkpoint", "last", "--tiling", "sliding", "--official", "--tta",
+                        "--orthoplane", env=cli_env)
+    ev = json.loads((tiny_run / "eval_last.json").read_text())
+    sliding, off = ev["tilings"]["sliding"], ev["official"]
+    assert sliding["tta"] and sliding["orthoplane"] and sliding["metric"].startswith("8-nm training grid")
+    assert off["rules_version"].startswith("cellmap-segmentation-challenge") and off["metric"].startswith("official")
+    assert set(off["classes"]) <= set(C.QUICK_CLASSES) and "nuc" in off["classes"]
+    assert off["classes"]["nuc"]["kind"] == "instance" and off["classes"]["pm"]["kind"] == "semantic"
+    assert 0 <= off["overall"] <= 1 and "official challenge score" in proc.stdout and "8-nm training grid" in proc.stdout
+    assert "min_size_voxels_8nm" in off["postprocessing"] and off["postprocessing"]["tta"]
+
+
+def test_orthoplane_averages_the_three_slicing_directions():
+    """PickInput returns its input: along every axis the 2D prediction of a voxel is a function of that voxel
+    only, so the orthoplane average equals the plain prediction; TTA of a pointwise model changes nothing."""
+    crop, spec = memory_crop((6, 20, 18), (4, 8, 8), seed=5), PatchSpec((1, 16, 16), 2)
+    plain = inference.predict_crop(PickInput(), crop, spec, "cpu", overlap=0.5)
+    np.testing.assert_allclose(inference.predict_crop(PickInput(), crop, spec, "cpu", overlap=0.5, orthoplane=True),
+                               plain, atol=1e-6)
+    np.testing.assert_allclose(inference.predict_crop(PickInput(), crop, spec, "cpu", overlap=0.5, tta=True), plain,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="orthoplane"):
+        inference.predict_crop(PickInput(), crop, PatchSpec((4, 16, 16), 3), "cpu", orthoplane=True)
+
+
+def test_a_removed_best_checkpoint_falls_back_to_last_with_a_note(tiny_run, tmp_path, cli_env):
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "best.pt").unlink()
+    proc = evaluate_cli(run, "--tiling", "training", env=cli_env)
+    assert f"note: {run / 'best.pt'} is missing: evaluating last.pt instead" in proc.stdout
+    assert json.loads((run / "eval_last.json").read_text())["checkpoint"] == "last"
+    refused = run_script(["evaluate.py", run, "--checkpoint", "best"], cli_env)
+    assert refused.returncode == 2 and "best.pt not found" in refused.stderr

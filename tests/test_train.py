@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import config_shenron as C
 from runfiles import load_checkpoint, load_json
 from conftest import (TINY_RUN_OPTIONS, epoch_metrics, epochs_recorded, folder_digest, kill_when, run_training,
                       start_training)
-from cache import cache_margin, prepare_cache
+from cache import prepare_cache
 from datasplit import read_datasplit
 from sampling import EpochSampler, PatchSpec, TrainPatches, ValidationTiles, batch_sanity_line, make_loader, to_model_inputs
 from engine import validate
@@ -35,9 +36,8 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def run_cache(results: dict, cache_dir: Path):
     """The crop cache a finished run trained on (reused, not rebuilt), with its config and patch spec."""
     cfg = C.RunConfig.from_dict(results["config"])
-    margin = cache_margin(C.PROFILES[cfg.profile], cfg.patch_shape)
-    cache = prepare_cache(read_datasplit(results["datasplit"]), cfg.classes, cfg.scale_nm, margin,
-                          cache_root=cache_dir, progress=False)
+    cache = prepare_cache(read_datasplit(results["datasplit"]), cfg.classes, cfg.scale_nm, cache_root=cache_dir,
+                          progress=False)
     return cfg, cache, PatchSpec(cfg.patch_shape, C.MODELS[cfg.model].dims)
 
 
@@ -227,3 +227,158 @@ def test_torchrun_validation_equals_single_process_evaluation(ddp_run, cache_dir
             assert (mine["tp"], mine["fp"], mine["fn"]) == (theirs["tp"], theirs["fp"], theirs["fn"]), (checkpoint, cls)
             assert mine["dice"] == pytest.approx(theirs["dice"], abs=1e-9)
         assert report["mean_dice"] == pytest.approx(logged["mean_dice"], abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@pytest.fixture(scope="module")
+def subset_run(tiny_root, session_cli_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("subset")
+    done = run_training([*TINY_RUN_OPTIONS, "--epochs", 2, "--iterations", 2, "--val-budget", "0.5",
+                         "--final-evaluation", "official", "--data-root", tiny_root, "--out-dir", out,
+                         "--run-name", "s"], session_cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "s", done.stdout
+
+
+def test_validation_during_training_is_a_fixed_subset_and_the_end_is_in_full(subset_run, cache_dir):
+    run_dir, stdout = subset_run
+    results = load_json(run_dir / "results.json")
+    validation = results["validation"]
+    assert validation["tiles"] == 2 < validation["of_tiles"]      # ceil(0.5 x 2 steps x batch 2) tiles
+    assert "fixed subset" in validation["subset"] and validation["metric"].startswith("8-nm training grid")
+    final = results["final_evaluation"]
+    assert set(final) <= {"best", "last"} and "best" in final
+    full = final["best"]["tilings"]["training"]
+    assert full["tiles"] == validation["of_tiles"] and full["metric"].startswith("8-nm training grid")
+    assert full["recorded"] is None and "not comparable" in full["recorded_source"]
+    official = final["best"]["official"]
+    assert official["rules_version"].startswith("cellmap-segmentation-challenge") and "nuc" in official["classes"]
+    assert "final evaluation of best.pt" in stdout and "overall" in stdout
+
+
+def test_ddp_validation_with_a_rank_without_tiles_completes_and_counts_like_one_process(tiny_root, session_cli_env,
+                                                                                          tmp_path, cache_dir):
+    """One validation tile for 2 ranks (3D): rank 1 validates nothing. The DDP wrapper's forward is a collective,
+    so validating through it waited forever; the module, with rank 0's BatchNorm statistics, gives the counts a
+    single process gets from the checkpoint."""
+    done = run_training([*TINY_RUN_OPTIONS, "--model", "unet_3d", "--epochs", 1, "--iterations", 3,
+                         "--val-budget", "0.01", "--data-root", tiny_root, "--out-dir", tmp_path, "--run-name", "d"],
+                        dict(session_cli_env, CELLMAP_DDP_TIMEOUT_MIN="1"), processes=2, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = load_json(tmp_path / "d" / "results.json")
+    assert results["validation"]["tiles"] == 1 and results["world_size"] == 2
+    cfg, cache, spec = run_cache(results, cache_dir)
+    from loaders import validation_loader
+
+    loader = validation_loader(cfg, cache, spec)
+    report = validate(load_model(cfg, tmp_path / "d" / "last.pt"), loader, cfg.classes, "cpu")
+    for cls in cfg.classes:
+        mine, logged = report["per_class"][cls], results["history"][-1]["per_class"][cls]
+        assert (mine["tp"], mine["fp"], mine["fn"]) == (logged["tp"], logged["fp"], logged["fn"]), cls
+
+
+# ---------------------------------------------------------------------------------------------- GPU readiness
+def test_bf16_is_refused_on_a_gpu_without_native_bf16(monkeypatch):
+    import runtime
+    import test_setup
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 2080 Ti")
+    with pytest.raises(ValueError, match=r"--precision bf16: NVIDIA GeForce RTX 2080 Ti \(compute capability 7.5\) "
+                                         r"has no native bf16.*use --precision fp16"):
+        runtime.check_precision("bf16", "cuda")
+    runtime.check_precision("fp16", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a: True)  # what torch says on Turing
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("P", (), {"name": "NVIDIA GeForce RTX 2080 Ti", "total_memory": 11 * 2**30}))
+    assert "bf16 no (fp16 + GradScaler)" in test_setup.check_cuda()[1]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    runtime.check_precision("bf16", "cuda")
+
+
+def test_largest_batch_doubles_then_bisects():
+    import runtime
+
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        if batch > 37:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return batch <= 37
+
+    assert runtime.largest_batch(fits, 8) == 37
+    assert tried[:4] == [8, 16, 32, 64] and len(tried) <= 10
+    assert runtime.largest_batch(lambda b: False, 8) == 1
+
+
+def test_ema_is_validated_and_saved_and_batch_auto_falls_back_on_the_cpu(tiny_root, session_cli_env, tmp_path):
+    done = run_training([*TINY_RUN_OPTIONS, "--epochs", 2, "--iterations", 2, "--ema", "0.5", "--batch-size", "auto",
+                         "--data-root", tiny_root, "--out-dir", tmp_path, "--run-name", "e"], session_cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--batch-size auto: no GPU; the cpu profile's 8" in done.stdout
+    results = load_json(tmp_path / "e" / "results.json")
+    assert results["config"]["batch_size"] == 8 and results["config"]["ema"] == 0.5
+    assert all("ema" in h and h["ema"]["mean_dice"] is not None for h in results["history"])
+    ema = load_checkpoint(tmp_path / "e" / "ema.pt")
+    last = load_checkpoint(tmp_path / "e" / "last.pt")
+    assert ema["epoch"] == 2 and any(not torch.equal(ema["model"][k], last["model"][k]) for k in last["model"])
+    assert "ema" in last  # the average resumes with the run
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(options_run, session_cli_env):
+    run_dir = options_run[0]
+    done = run_training(["--resume", run_dir], session_cli_env, processes=2, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "trained on 1 process(es)" in errors[0] and "this job has 2" in errors[0]
+    assert "--nproc_per_node=1" in errors[0]
+
+
+def test_sync_batchnorm_on_the_cpu_is_refused(tiny_root, session_cli_env, tmp_path):
+    done = run_training([*TINY_RUN_OPTIONS, "--sync-bn", "on", "--data-root", tiny_root, "--out-dir", tmp_path],
+                        session_cli_env)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --sync-bn on: SyncBatchNorm runs on GPUs")
+
+
+def two_nodes(args, env_of_node, timeout=240, stop_node0=False):
+    """Two torchrun "nodes" on this machine (c10d rendezvous on loopback, one process each): (node 0, node 1)
+    CompletedProcess-like (returncode, stdout, stderr), and the seconds node 1 took. With `stop_node0`, node 0
+    is stopped once node 1 has ended (as a cluster's scheduler ends a job one of whose nodes failed: rank 0
+    would otherwise wait in the process group's rendezvous until its timeout)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    procs, started = [], time.time()
+    for node in (0, 1):
+        cmd = [torchrun, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}", "train_local.py", *map(str, args)]
+        procs.append(subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env=env_of_node(node),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    node1 = procs[1].communicate(timeout=timeout)
+    seconds = time.time() - started
+    if stop_node0:
+        procs[0].terminate()
+    node0 = procs[0].communicate(timeout=timeout)
+    return (procs[0].returncode, *node0), (procs[1].returncode, *node1), seconds
+
+
+def test_per_node_caches_without_a_shared_file_system_fail_within_a_minute(tiny_root, session_cli_env, tmp_path):
+    args = [*TINY_RUN_OPTIONS, "--epochs", 1, "--iterations", 3, "--data-root", tiny_root, "--out-dir", tmp_path / "runs"]
+    env = lambda node: dict(session_cli_env, CELLMAP_CACHE_DIR=str(tmp_path / f"cache{node}"),
+                            CELLMAP_CACHE_SHARE_WAIT_S="10")
+    _, (code, _, err), seconds = two_nodes(args, env, stop_node0=True)
+    assert code != 0 and seconds < 60
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines and "is not shared with rank 0's node" in lines[0] and "CELLMAP_CACHE_PER_NODE=1" in lines[0]
+    per_node = lambda node: dict(env(node), CELLMAP_CACHE_PER_NODE="1")
+    (code0, out0, err0), (code1, _, err1), _ = two_nodes([*args[:-1], tmp_path / "runs2"], per_node)
+    assert code0 == 0 and code1 == 0, (err0[-2000:], err1[-2000:])
+    assert list((tmp_path / "cache1").rglob("meta.json")), "node 1 prepared its own cache"

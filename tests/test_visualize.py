@@ -98,8 +98,8 @@ def test_table_numbers_match_hand_computation(mixed_report):
     assert code == 0
     md = (out / "comparison.md").read_text()
     header = table_row(md, "class")
-    assert header[:4] == ["class", "2D (n=2)", "2.5D (n=2)", "Improvement (%)"]
-    assert header[4] == comparison.UPSTREAM_BASELINE["label"]
+    assert header[:5] == ["class", "2D (n=2)", "2.5D (n=2)", "Improvement (%)", "2.5D - 2D (paired 95% CI)"]
+    assert header[5] == comparison.UPSTREAM_BASELINE["label"]
     for cls in ("nuc", "mito_mem"):
         a = [FAKE[("unet_2d", s)][cls][0] for s in (0, 1)]
         b = [FAKE[("unet_25d", s)][cls][0] for s in (0, 1)]
@@ -107,18 +107,17 @@ def test_table_numbers_match_hand_computation(mixed_report):
         cells = [c.strip("*") for c in row]
         assert cells[1] == stat_text(a) and cells[2] == stat_text(b)
         change = (statistics.mean(b) - statistics.mean(a)) / statistics.mean(a) * 100
-        assert cells[3].startswith(f"{change:+.1f}")
-        noisy = abs(statistics.mean(b) - statistics.mean(a)) < statistics.stdev(a) + statistics.stdev(b)
-        assert ("within noise" in cells[3]) == noisy
-    # nuc: +66.7 %, well beyond the spread; mito_mem: +1.6 %, within it (checked by hand too).
-    assert table_row(md, "**nuc**")[3] == "**+66.7**"
-    assert table_row(md, "mito_mem")[3] == "+1.6 (within noise)"
+        assert cells[3] == f"{change:+.1f}"
+    # Paired by seed: nuc +0.30 on both seeds, mito_mem +0.01 on both (its unpaired spread, 0.014 per arm, would
+    # have called it noise): the intervals have no width and exclude 0.
+    assert table_row(md, "**nuc**")[3:5] == ["**+66.7**", "**+0.300 [+0.300, +0.300]**"]
+    assert table_row(md, "mito_mem")[3:5] == ["+1.6", "+0.010 [+0.010, +0.010]"]
     assert table_row(md, "er_mem")[1:3] == ["absent", "absent"]
     means_a = [statistics.mean(d for d, _, _ in FAKE[("unet_2d", s)].values()) for s in (0, 1)]
     means_b = [statistics.mean(d for d, _, _ in FAKE[("unet_25d", s)].values()) for s in (0, 1)]
     mean_row = table_row(md, "mean")
     assert mean_row[1:3] == [stat_text(means_a), stat_text(means_b)]
-    assert mean_row[4] == "0.252"
+    assert mean_row[5] == "0.252"
     assert "absent classes, left out of the mean: er_mem" in md
     precision_row = [c.strip("*") for c in table_row(md.split("Precision and recall")[1], "**nuc**")]
     assert precision_row[1] == stat_text([0.30, 0.40]) and precision_row[4] == stat_text([0.80, 0.86])
@@ -176,14 +175,17 @@ def test_ranking_order(tmp_path, capsys):
     assert first[8] == "-" and table_row(ranking, "2")[8] == f"{0.55 - 0.65:+.3f}"  # one seed: no noise verdict
 
 
-def test_ranking_flags_differences_within_seed_noise(tmp_path):
+def test_ranking_pairs_the_arms_seed_by_seed(tmp_path):
     seeds = {"combo": (0.60, 0.64), "dice": (0.58, 0.60), "focal": (0.30, 0.32)}  # combo sd 0.028, dice sd 0.014
     for loss, values in seeds.items():
         for seed, value in enumerate(values):
             write_run(tmp_path, fake_results("unet_2d", loss, seed, {"nuc": (value, 0.5, 0.5)}))
     assert V.main([str(tmp_path), "--out", str(tmp_path / "report"), "--ranking", "--no-panel"]) == 0
     ranking = (tmp_path / "report" / "comparison.md").read_text().split("## Ranking by mean Dice")[1].split("##")[0]
-    assert [table_row(ranking, str(k))[8] for k in (1, 2, 3)] == ["-", "-0.030 (within noise)", "-0.310"]
+    # dice - combo per seed: -0.02, -0.04 -> mean -0.030, sd 0.01414, t(0.975, 1) = 12.706 -> +-0.127;
+    # focal - combo: -0.30, -0.32 -> -0.310 +- 0.127.
+    assert [table_row(ranking, str(k))[8] for k in (1, 2, 3)] == [
+        "-", "-0.030 [-0.157, +0.097] not distinguishable", "-0.310 [-0.437, -0.183]"]
 
 
 def test_nothing_usable_exits_2(tmp_path, capsys):
@@ -239,3 +241,14 @@ def test_panel_from_a_tiny_real_run(tiny_root, cli_env, tmp_path):
     warnings = [line for line in stdout.getvalue().splitlines() if line.startswith("warning: panel.png")]
     assert len(warnings) == 1 and "gone.csv" in warnings[0]
     assert (tmp_path / "report2" / "dice_bars.png").is_file() and not (tmp_path / "report2" / "panel.png").exists()
+
+
+def test_reports_on_different_runs_never_share_a_folder(tmp_path):
+    runs = tmp_path / "runs"
+    assert V.default_report_dir([runs / "a"]) == runs / "a" / "report"
+    assert V.default_report_dir([runs]) == runs / "report"
+    assert V.default_report_dir([runs / "a", runs / "b"]) == runs / "report-a+b"
+    many = [runs / f"run-with-a-long-name-{i}" for i in range(5)]
+    folder = V.default_report_dir(many)
+    assert folder.parent == runs and folder.name.startswith("report-run-with-a-long-name-0+4-more-")
+    assert folder != V.default_report_dir(many[:4] + [runs / "another"])
