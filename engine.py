@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import config_shenron as C
 from metrics import ConfusionCounter
-from runtime import log
+from models import unet_for_run
+from runtime import DistributedEnv, autocast_for, log
 from sampling import batch_sanity_line, to_model_inputs
 
 
@@ -57,6 +59,42 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+
+
+def build_trainer(cfg: C.RunConfig, loss_fn: torch.nn.Module, device: torch.device, env: DistributedEnv) -> Trainer:
+    """The UNet (DDP-wrapped under torchrun), AdamW, the OneCycle schedule, the GradScaler and autocast."""
+    model = unet_for_run(cfg).to(device)
+    if cfg.channels_last and C.MODELS[cfg.model].dims == 2:
+        model = model.to(memory_format=torch.channels_last)
+    if uses_sync_batchnorm(cfg, device, env):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw_model = model
+    if env.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    # fused AdamW (CUDA) takes the GradScaler's overflow check inside its kernel: no host sync per step
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    ema = None
+    if cfg.ema > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            raw_model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    # OneCycle is stepped once per optimiser step (batch), over the whole run; warm-up is 10% of the
+    # steps but at least 2 (OneCycleLR divides by zero when the warm-up rounds to no step).
+    total_steps = cfg.epochs * cfg.iterations
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                                    pct_start=min(0.5, max(0.1, 2.5 / total_steps)))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
+    autocast = autocast_for(cfg.precision if device.type == "cuda" else "fp32", device)
+    return Trainer(model, raw_model, loss_fn, optimizer, scheduler, scaler, autocast, device, env.ddp,
+                   cfg.channels_last, cfg.grad_clip, ema)
+
+
+def uses_sync_batchnorm(cfg: C.RunConfig, device: torch.device, env: DistributedEnv) -> bool:
+    """SyncBatchNorm: BatchNorm models under DDP on CUDA, with --sync-bn on, or auto for 3D models (batches of
+    2 per GPU make per-GPU statistics noisy)."""
+    wanted = cfg.sync_bn == "on" or (cfg.sync_bn == "auto" and C.MODELS[cfg.model].dims == 3)
+    return wanted and cfg.norm == "batch" and env.ddp and device.type == "cuda"
 
 
 class StepResult(NamedTuple):

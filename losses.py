@@ -38,7 +38,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from config_shenron import ALL_CLASSES as CLASSES  # challenge classes, channel order of every target
 from config_shenron import LOSS_CONFIGS  # the named configurations (data, no torch: the command lines check names)
 from loss_kernels import Batch, boundary_weights, flatten_batch, focal_sums, masked_class_sums, safe_divide, tversky
 

@@ -207,7 +207,8 @@ class TrainPatches(Dataset):
         ci = int(rng.choice(len(self.crops), p=self.volume_p))
         return ci, self.centres[ci].draw(rng)
 
-    def __getitem__(self, key) -> dict:
+    def patch(self, key) -> tuple[Patch, np.random.Generator]:
+        """The patch sample `key` = (epoch, i) is cut from (before augmentation), and its generator."""
         epoch, i = key
         rng = np.random.default_rng([self.seed, self.rank, epoch, i])
         half = np.array(self.spec.raw_shape) // 2
@@ -215,10 +216,12 @@ class TrainPatches(Dataset):
             ci, centre = self._draw(rng)
             patch = cut_patch(self.crops[ci], centre - half, self.spec.raw_shape, self.spec.label_shape)
             if patch.missing <= self.max_missing:
-                break
-        else:
-            patch = cut_patch(self.crops[ci], self.centres[ci].fallback() - half, self.spec.raw_shape,
-                              self.spec.label_shape)
+                return patch, rng
+        return cut_patch(self.crops[ci], self.centres[ci].fallback() - half, self.spec.raw_shape,
+                         self.spec.label_shape), rng
+
+    def __getitem__(self, key) -> dict:
+        patch, rng = self.patch(key)
         raw, labels = patch.raw, patch.labels
         if self.augment:
             raw, labels = augment(raw, labels, rng, flip_z=True)

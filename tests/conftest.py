@@ -138,6 +138,17 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mock_suite(tmp_path_factory):
+    """The mock of the real download's `suite` preset (crops 9, 142, 137, 410: 2.62x2x2, 4, 8 and 32 nm rows
+    of the official manifest), generated once: (data root, make_mock_download.MockInfo)."""
+    import make_mock_download
+
+    root = tmp_path_factory.mktemp("mock_suite")
+    return root, make_mock_download.build_mock(root, make_mock_download.PRESETS["suite"], label_classes="ours",
+                                               seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def session_cli_env(cache_dir) -> dict:
     """Environment for running the toolkit's scripts as subprocesses (for module/session fixtures;
     do not modify it, tests take a copy through `cli_env`)."""

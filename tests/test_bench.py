@@ -1,4 +1,6 @@
-"""Smoke tests of `bench.py loader` and `bench.py train` on tiny settings: they run and print their tables."""
+"""Tests of bench.py's subcommands on tiny settings: they run and print their tables, the GPU check refuses a
+machine without CUDA, the cache benchmark's estimate holds on a mock of real manifest rows, and the sliding
+window benchmark agrees with MONAI."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +9,7 @@ import re
 import pytest
 
 import bench
+import bench_support
 from cache import prepare_cache
 
 NUMBER = r"-?\d+(?:\.\d+)?%?"
@@ -15,7 +18,7 @@ NUMBER = r"-?\d+(?:\.\d+)?%?"
 @pytest.fixture
 def tmp_cache(monkeypatch, cache_dir):
     """bench.py prepares the crop cache where training would; in tests, in the session's cache folder."""
-    monkeypatch.setattr(bench, "prepare_cache", functools.partial(prepare_cache, cache_root=cache_dir))
+    monkeypatch.setattr(bench_support, "prepare_cache", functools.partial(prepare_cache, cache_root=cache_dir))
 
 
 def table_rows(out: str, header_start: str) -> tuple[list[str], list[list[str]]]:
@@ -66,6 +69,8 @@ def test_train_reports_both_rates_and_memory_per_model(tiny_root, tmp_cache, cap
 
 @pytest.mark.parametrize("argv, culprit", [
     (["loader", "--backend", "zarr"], "--backend"),
+    (["sliding", "--tile", "9"], "--tile"),
+    (["cache", "--manifest", "/nonexistent.csv"], "--manifest"),
     (["loader", "--workers", "0,x"], "--workers"),
     (["train", "--model", "unet_2d,unet_4d"], "--model"),
     (["train", "--batch-size", "2,2,2"], "--batch-size"),
@@ -74,3 +79,70 @@ def test_bad_options_exit_2_with_one_line(argv, culprit, capsys):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and culprit in err and "\n" not in err
+
+
+TINY_TRAINING = ["--patch-yx", "32", "--steps", "1", "--base-channels", "4", "--depth", "2", "--workers", "0",
+                 "--threads", "1"]
+
+
+def test_gpu_check_is_refused_without_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(bench_support.torch.cuda, "is_available", lambda: False)
+    assert bench.main(["gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no CUDA GPU" in err and "--device cpu" in err
+
+
+def test_gpu_check_dry_run_measures_every_section(tiny_root, tmp_cache, capsys):
+    code = bench.main(["gpu", "--device", "cpu", "--data-root", str(tiny_root), "--repeats", "1", "--compile", "off",
+                       *TINY_TRAINING])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    header, rows = table_rows(out, "model     batch")
+    assert "loader/GPU" in header and [r[0] for r in rows] == ["unet_2d", "unet_25d", "unet_3d"]
+    assert all(float(dict(zip(header, r))["img/s no data"]) > 0 for r in rows)
+    header, rows = table_rows(out, "model     step")
+    assert len(rows) == 2 * bench.bench_train.AGREEMENT_STEPS
+    assert re.search(r"^bf16 vs fp32 loss at the same weights, first 5 steps: largest relative difference \S+ "
+                     r"\(agree", out, re.M)
+    header, rows = table_rows(out, "model     channels_last")
+    assert [(r[0], r[1]) for r in rows] == [("unet_2d", "off"), ("unet_2d", "on"), ("unet_25d", "off"), ("unet_25d", "on")]
+    assert re.search(r"^gpu check took \d+ s \(target <= 300 s\)$", out, re.M)
+
+
+def test_cache_benchmark_on_a_mock_of_real_rows(mock_suite, tmp_path, capsys):
+    """Fresh preparation of the suite mock: time, memory and size are reported; the extrapolation's per-crop
+    estimate is within 30% of what was measured for every cached crop (it counts foreground coordinates at their
+    maximum, which small crops do not reach) and within 15% over all of them; no sample is half missing."""
+    root, _ = mock_suite
+    code = bench.main(["cache", "--data-root", str(root), "--workers", "1", "--samples", "100", "--cache-root",
+                       str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"^preparation: [\d.]+ s; peak memory [\d.]+ GB .* cache [\d.]+ GB$", out, re.M)
+    header, rows = table_rows(out, "crop")
+    crops = {r[0].rsplit("/", 1)[-1]: dict(zip(header, r)) for r in rows}
+    assert set(crops) == {"crop9", "crop142", "crop137", "crop410"}
+    assert crops["crop410"]["status"] == "skipped"       # 32 nm labels, raw fetched only at 32 nm and coarser
+    for name in ("crop9", "crop142", "crop137"):
+        assert crops[name]["status"] == "used" and 0.8 <= float(crops[name]["est/meas"]) <= 1.3, crops[name]
+    overall = float(re.search(r"^estimate / measured over the \d+ manifest crops measured here: (\S+)$", out,
+                              re.M).group(1))
+    assert 0.85 <= overall <= 1.15
+    for label in ("default csc fetch-data", "EM fetched at all resolutions"):
+        assert re.search(rf"^extrapolated to the 289 crops of train_crop_manifest.csv \({label}\): [\d.]+ GB", out,
+                         re.M)
+    header, rows = table_rows(out, "model    ")
+    assert [r[0] for r in rows] == ["unet_2d", "unet_25d", "unet_3d"]
+    assert all(dict(zip(header, r))[">= 50% missing"] == "0.00%" for r in rows)
+    assert not list(tmp_path.iterdir())   # the temporary cache is removed
+
+
+def test_sliding_benchmark_agrees_with_monai(capsys):
+    code = bench.main(["sliding", "--shape", "24", "--tile", "8", "--depth", "2", "--base-channels", "2",
+                       "--classes", "2", "--repeats", "1", "--device", "cpu", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    header, rows = table_rows(out, "window")
+    assert [r[0] for r in rows] == ["toolkit", "MONAI"] and all(float(r[1]) > 0 for r in rows)
+    difference = float(re.search(r"largest difference (\S+)$", out, re.M).group(1))
+    assert difference < 1e-5

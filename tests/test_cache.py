@@ -18,6 +18,7 @@ import pytest
 import zarr
 
 import config_shenron as C
+import crop_prep
 import crop_store
 from cache import UNANNOTATED, CachedCrop, crops_table, data_report, prepare_cache
 from conftest import REPO, TINY_RUN_OPTIONS
@@ -191,6 +192,60 @@ def holey_root(tmp_path) -> Path:
     np.save(tmp_path / "truth_raw.npy", raw)
     np.save(tmp_path / "written.npy", written)
     return tmp_path
+
+
+# ----------------------------------------------------------------------------- a mock of real manifest rows
+@pytest.fixture(scope="module")
+def suite_cache(mock_suite, tmp_path_factory):
+    from datasplit import datasplit_for, read_datasplit
+
+    root, _ = mock_suite
+    cache_root = tmp_path_factory.mktemp("suite_cache")
+    entries = read_datasplit(datasplit_for(root, cache_root))
+    return entries, prepare_cache(entries, C.ALL_CLASSES, C.TRAIN_SCALE_NM, cache_root=cache_root, progress=False)
+
+
+def test_mock_of_real_rows_fine_crops_follow_the_area_rule(suite_cache):
+    """Crops 137 (8 nm), 142 (4 nm) and 9 (2.62 x 2 x 2 nm; nuc holds instance ids of uint16 to uint64): the
+    cached classes equal the area rule of their s0 arrays (ids > 0 as foreground) computed here by
+    supersampling (three classes per crop: the reference is slow)."""
+    entries, cache = suite_cache
+    for crop_id in (137, 142, 9):
+        e = next(e for e in entries if e.crop_path.endswith(f"crop{crop_id}"))
+        crop = next(c for c in cache.crops if c.name == e.name)
+        covered = None
+        for cls in ("nuc", "mito_mem", "er_mem"):
+            k = cache.classes.index(cls)
+            assert crop.annotated[k], (crop_id, cls)
+            level = read_levels(Path(e.crop_path) / cls)[0]
+            fine = np.asarray(zarr.open_array(level.path, mode="r")) > 0
+            fraction = reference_area(fine, level.scale, level.translation, crop.grid_start, crop.shape,
+                                      C.TRAIN_SCALE_NM)
+            if covered is None:   # every class of a crop shares its geometry
+                covered = reference_area(np.ones_like(fine), level.scale, level.translation, crop.grid_start,
+                                         crop.shape, C.TRAIN_SCALE_NM)
+            expected = np.where(covered >= 0.5, fraction >= covered / 2, UNANNOTATED).astype(np.uint8)
+            near_tie = (np.abs(fraction - covered / 2) < 5e-3) | (np.abs(covered - 0.5) < 5e-3)
+            got = crop.labels[k]
+            assert np.array_equal(got[~near_tie], expected[~near_tie]), (crop_id, cls)
+            assert set(np.unique(got)) <= {0, 1, UNANNOTATED}, (crop_id, cls)
+        assert (crop.labels[cache.classes.index("nuc")] == 1).any(), crop_id
+
+
+def test_mock_of_real_rows_coarse_crop_and_missing_raw(suite_cache):
+    """Crop 410 (32 nm labels; the default download copies raw only at 32 nm and coarser) is skipped with the
+    fix; the others keep raw where chunks were copied and mark the rest missing."""
+    entries, cache = suite_cache
+    rows = {r["name"].rsplit("/", 1)[1]: r for r in cache.rows}
+    assert rows["crop410"]["status"] == "skipped"
+    assert "no raw EM at 8 x 8 x 8 nm or finer" in rows["crop410"]["reason"]
+    assert "--fetch-all-em-resolutions" in rows["crop410"]["fix"]
+    for name in ("crop9", "crop137", "crop142"):
+        assert rows[name]["status"] == "used" and 0.5 < rows[name]["raw_coverage"] <= 1.0
+        crop = next(c for c in cache.crops if c.name.endswith(name))
+        window, valid = crop.raw_window(-np.array(crop_prep.RAW_MARGIN), np.array(crop.shape) + 2 * np.array(
+            crop_prep.RAW_MARGIN))
+        assert valid.any() and not valid.all() and (window[~valid] == 0).all()
 
 
 def test_missing_raw_chunks_are_a_mask_not_zeros(holey_root, tmp_path):

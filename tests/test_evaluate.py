@@ -251,27 +251,33 @@ class PickInput(torch.nn.Module):
         return torch.logit(0.1 + 0.8 * picked).expand(x.shape[0], self.classes, *x.shape[2:]).clone()
 
 
-def test_blending_weights_are_a_gaussian_average():
-    crop, spec, overlap = memory_crop((3, 40, 37), (0, 8, 8)), PatchSpec((1, 16, 16), 2), 0.5
+@pytest.mark.parametrize("shape, tile, dims, overlap", [
+    ((3, 40, 37), (1, 16, 16), 2, 0.5),
+    ((21, 40, 37), (8, 16, 16), 3, 0.625),    # the first row starts above the crop; planes wrap the ring buffer
+])
+def test_blending_weights_are_a_gaussian_average(shape, tile, dims, overlap):
+    crop, spec = memory_crop(shape, (4, 8, 8)), PatchSpec(tile, dims)
     probs = inference.predict_crop(TileMean(), crop, spec, "cpu", overlap=overlap, batch_size=3)
 
     # Independent: per-tile constants, a Gaussian (sigma = tile/8, floor 1e-3) per tile, weighted average.
-    g = np.exp(-0.5 * ((np.arange(16) - 7.5) / 2.0) ** 2)
-    weight = np.maximum(np.outer(g, g) / np.outer(g, g).max(), 1e-3)
+    gaussians = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (n / 8)) ** 2) for n in tile]
+    weight = np.einsum("z,y,x->zyx", *gaussians)
+    weight = np.maximum(weight / weight.max(), 1e-3)
     total, weight_sum = np.zeros(crop.shape), np.zeros(crop.shape)
     plain_total, tiles_per_voxel = np.zeros(crop.shape), np.zeros(crop.shape)
     m = crop.margin
-    for z, y, x in itertools.product(range(3), tile_starts(40, 16, 8), tile_starts(37, 16, 8)):
-        tile_raw = crop.stored_raw[z, y + m[1]: y + m[1] + 16, x + m[2]: x + m[2] + 16]
-        value = np.clip(tile_raw.astype(np.float64).mean() / 255, 1e-4, 1 - 1e-4)
-        ys, xs = slice(max(y, 0), min(y + 16, 40)), slice(max(x, 0), min(x + 16, 37))
-        w = weight[ys.start - y: ys.stop - y, xs.start - x: xs.stop - x]
-        total[z, ys, xs] += w * value
-        weight_sum[z, ys, xs] += w
-        plain_total[z, ys, xs] += value
-        tiles_per_voxel[z, ys, xs] += 1
+    steps = [max(1, round(n * (1 - overlap))) for n in tile]
+    for origin in itertools.product(*(tile_starts(length, n, step) for length, n, step in zip(shape, tile, steps))):
+        source = tuple(slice(o + mm, o + mm + n) for o, mm, n in zip(origin, m, tile))
+        value = np.clip(crop.stored_raw[source].astype(np.float64).mean() / 255, 1e-4, 1 - 1e-4)
+        inside = tuple(slice(max(o, 0), min(o + n, length)) for o, n, length in zip(origin, tile, shape))
+        w = weight[tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin))]
+        total[inside] += w * value
+        weight_sum[inside] += w
+        plain_total[inside] += value
+        tiles_per_voxel[inside] += 1
     expected = total / weight_sum
-    assert probs.shape == (2, 3, 40, 37) and probs.dtype == np.float32
+    assert probs.shape == (2,) + shape and probs.dtype == np.float32
     np.testing.assert_allclose(probs[0], expected, atol=2e-6)
     np.testing.assert_allclose(probs[1], expected, atol=2e-6)
     # The weights matter: a plain average of the overlapping tiles differs.
@@ -290,6 +296,26 @@ def test_sliding_window_aligns_raw_context_with_the_crop(dims, raw_shape, channe
     m = crop.margin
     raw_at_voxel = crop.stored_raw[m[0] + z_offset: m[0] + z_offset + 11, m[1]: m[1] + 30, m[2]: m[2] + 25] / 255.0
     np.testing.assert_allclose(probs[1], 0.1 + 0.8 * raw_at_voxel, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims, tile, overlap", [(3, (8, 16, 16), 0.5), (3, (8, 16, 16), 0.25), (2, (1, 16, 16), 0.5)])
+def test_sliding_window_matches_monai(dims, tile, overlap):
+    """Independent reference: MONAI's sliding_window_inference with the same model, tiles and weight map, on a
+    crop the tiles cover exactly (MONAI pads beyond the crop where the toolkit reads raw context)."""
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    model = UNet(1, 3, dims=dims, base_channels=4, depth=2).eval()
+    step = [max(1, round(n * (1 - overlap))) for n in tile]
+    shape = [n + 2 * s for n, s in zip(tile, step)]          # three tiles per axis, none overhanging
+    crop = memory_crop(shape, (0, 0, 0), classes=3, seed=4)
+    ours = inference.predict_crop(model, crop, PatchSpec(tile, dims), "cpu", overlap=overlap, batch_size=3)
+    predictor = model if dims == 3 else (lambda t: model(t[:, :, 0])[:, :, None])
+    with torch.no_grad():
+        reference = sliding_window_inference(
+            torch.from_numpy(crop.stored_raw).float()[None, None] / 255, tile, 3, lambda t: torch.sigmoid(predictor(t)),
+            overlap=overlap, roi_weight_map=torch.from_numpy(inference.blending_weights(tile)))[0].numpy()
+    np.testing.assert_allclose(ours, reference, atol=2e-6)
 
 
 @pytest.mark.parametrize("dims, raw_shape", [(2, (5, 16, 16)), (3, (8, 16, 16))])

@@ -14,8 +14,9 @@ from monai.losses.focal_loss import sigmoid_focal_loss
 from scipy import ndimage
 
 import losses
+from config_shenron import ALL_CLASSES as CLASSES
 from losses import (
-    CLASSES, LOSS_CONFIGS, SEED_CLASS_WEIGHTS, BCELoss, BoundaryLoss, ComboLoss, DiceBCELoss, DiceLoss, FocalLoss,
+    LOSS_CONFIGS, SEED_CLASS_WEIGHTS, BCELoss, BoundaryLoss, ComboLoss, DiceBCELoss, DiceLoss, FocalLoss,
     PerClassComboLoss, PerClassTverskyLoss, TverskyLoss, build_loss, class_weights_from_frequencies, describe_loss,
 )
 

@@ -23,10 +23,9 @@ CLASS_TABLE = Path(TRAIN_CROP_MANIFEST).with_name("classes.csv")
 
 
 @pytest.fixture(scope="session")
-def suite(tmp_path_factory):
-    """The suite preset, generated once: (data root, MockInfo)."""
-    root = tmp_path_factory.mktemp("mock_suite")
-    return root, M.build_mock(root, M.PRESETS["suite"], label_classes="ours", seed=0, progress=False)
+def suite(mock_suite):
+    """The suite preset, generated once (conftest): (data root, MockInfo)."""
+    return mock_suite
 
 
 @pytest.fixture(scope="session")
