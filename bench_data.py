@@ -6,8 +6,8 @@ instant, and the main process's peak RSS), the cache's size per crop and in all,
 training patches drawn as training draws them, the fraction whose raw is at least half missing. It then
 extrapolates the cache size to every crop of the official train manifest, under the default
 `csc fetch-data` and with raw fetched at all resolutions: per crop, the raw region crop_prep.py keeps (the
-fetched chunks of the level it reads, as mock_plan.py models the download, within the crop +- its margin)
-at one byte per voxel plus its validity bits, the bit-packed labels of the toolkit's classes (on the
+chunks of the level it reads that the download holds for any crop of the dataset, as mock_plan.py models
+it, within the crop +- its margin) at one byte per voxel plus its validity bits, the bit-packed labels of the toolkit's classes (on the
 training grid for fine crops, at their own voxel size for coarse ones) and the foreground coordinates at
 their maximum (crop_prep.FOREGROUND_SAMPLES per class: an overestimate for small crops). The same estimate is printed beside
 the measured size of every measured crop that is a manifest row, so the model is checked where it can be.
@@ -44,7 +44,7 @@ from bench_support import (MemoryPeaks, data_setup, peak_memory_mb, proc_fields_
                            resolve_device, set_threads, time_once)
 from cache import cache_directory, crop_key, prepare_cache
 from crop_manifest import TRAIN_CROP_MANIFEST, read_train_crops
-from models import UNet
+from models import unet_for_run
 from sampling import PatchSpec, TrainPatches
 
 MISSING_LIMIT = 0.5          # issue 12: a sample whose raw is at least this share missing is counted
@@ -65,58 +65,82 @@ def _level_box_nm(level: mock_plan.RawLevel, ranges) -> tuple[np.ndarray, np.nda
     return corner + first * grid.scale, corner + stop * grid.scale
 
 
-def _raw_level(plan: mock_plan.CropPlan, dataset: mock_plan.DatasetPlan, scale) -> mock_plan.RawLevel | None:
-    """The raw level crop_prep.py would read (matching the training scale, else the coarsest finer one) among
-    those the download copies chunks of for this crop; None when there is none (the crop is skipped)."""
-    fine = [lv for lv in dataset.levels if lv.path in plan.raw_chunks
-            and all(s <= t * (1 + crop_prep.SCALE_TOLERANCE) for s, t in zip(lv.grid.scale, scale))]
-    return max(fine, key=lambda lv: np.prod(lv.grid.scale), default=None)
-
-
-def estimate_crop_bytes(plan: mock_plan.CropPlan, dataset: mock_plan.DatasetPlan, scale) -> tuple[int, str]:
-    """(bytes, state) the cache holds for one manifest crop: state "cached", "on demand" (raw read from
-    zarr, only its chunk presence kept), "skipped" (no raw at or below the training scale) or "no classes"."""
-    row, scale = plan.row, np.asarray(scale, dtype=float)
+def estimate_crop_bytes(row, dataset: mock_plan.DatasetPlan, fetched: dict, scale) -> tuple[int, int, str]:
+    """(bytes of raw and labels, bound on the foreground coordinates' bytes, state) the cache holds for one
+    manifest crop, given the raw the download holds for its dataset
+    (`fetched`: level path -> world boxes [lo, hi) nm of the chunks copied for any crop of the dataset: crops
+    share a dataset's raw, so a coarse crop can find 8-nm raw fetched for a fine crop inside it). State:
+    "cached", "on demand" (raw read from zarr, only its chunk presence kept), "skipped" (no raw at or below the
+    training scale over it) or "no classes"."""
+    scale = np.asarray(scale, dtype=float)
     classes = [c for c in C.ALL_CLASSES if c in row.classes]
     if not classes:
-        return 0, "no classes"
-    level = _raw_level(plan, dataset, scale)
-    if level is None:
-        return 0, "skipped"
+        return 0, 0, "no classes"
     lo_nm, hi_nm = (np.asarray(b) for b in row.box_nm())
     crop_lo, crop_hi = np.round(lo_nm / scale), np.round(hi_nm / scale)
-    raw_lo, raw_hi = (v / scale for v in _level_box_nm(level, plan.raw_chunks[level.path]))
-    margin = np.asarray(crop_prep.RAW_MARGIN)
-    block = crop_prep.BLOCK
-    kept_lo = np.maximum(crop_lo - margin, np.floor(raw_lo))
-    kept_hi = np.minimum(crop_hi + margin, np.ceil(raw_hi))
-    kept = np.maximum(0, np.ceil((kept_hi - kept_lo) / block) * block)    # whole coverage blocks
+    margin, block = np.asarray(crop_prep.RAW_MARGIN), crop_prep.BLOCK
+    region_lo, region_hi = crop_lo - margin, crop_hi + margin
+
+    def overlaps(lo, hi, box_lo, box_hi):
+        inter_lo, inter_hi = np.maximum(lo, box_lo), np.minimum(hi, box_hi)
+        return (inter_lo, inter_hi) if np.all(inter_hi > inter_lo) else None
+
+    # crop_prep.raw_level_for: the matching level, else the coarsest finer one, with raw over the crop itself
+    fine = [lv for lv in dataset.levels if all(s <= t * (1 + crop_prep.SCALE_TOLERANCE)
+                                               for s, t in zip(lv.grid.scale, scale))]
+    fine.sort(key=lambda lv: (not np.allclose(lv.grid.scale, scale), -np.prod(lv.grid.scale)))
+    boxes = None
+    for level in fine:
+        here = [(b_lo / scale, b_hi / scale) for b_lo, b_hi in fetched.get(level.path, ())]
+        if any(overlaps(crop_lo, crop_hi, *box) for box in here):
+            boxes = [inter for box in here if (inter := overlaps(region_lo, region_hi, *box))]
+            break
+    if boxes is None:
+        return 0, 0, "skipped"
+    # the kept raw region: the coverage blocks (from the region's corner) that hold raw
+    kept_lo = region_lo + np.floor((np.min([b[0] for b in boxes], axis=0) - region_lo) / block) * block
+    kept_hi = np.minimum(region_hi, region_lo + np.ceil((np.max([b[1] for b in boxes], axis=0) - region_lo)
+                                                         / block) * block)
+    kept = kept_hi - kept_lo
     raw_voxels = int(np.prod(kept))
-    fine = all(v <= s * (1 + crop_prep.SCALE_TOLERANCE) for v, s in zip(row.voxel_size, scale))
-    label_shape = (crop_hi - crop_lo).astype(int) if fine else np.asarray(row.shape)
+    grid_labels = all(v <= s * (1 + crop_prep.SCALE_TOLERANCE) for v, s in zip(row.voxel_size, scale))
+    label_shape = (crop_hi - crop_lo).astype(int) if grid_labels else np.asarray(row.shape)
     label_bytes = len(classes) * int(np.prod(label_shape[:2])) * math.ceil(label_shape[2] / 8)
-    foreground_bytes = len(classes) * crop_prep.FOREGROUND_SAMPLES * 4 * 4     # int32 (class, z, y, x)
+    foreground_bound = len(classes) * crop_prep.FOREGROUND_SAMPLES * 4 * 4     # int32 (class, z, y, x)
     coverage_bytes = int(np.prod(np.ceil(kept / block)))
     if raw_voxels > crop_prep.RAW_CACHE_VOXELS:
-        return label_bytes + foreground_bytes + coverage_bytes, "on demand"
-    return int(raw_voxels * BYTES_PER_RAW_VOXEL) + label_bytes + foreground_bytes + coverage_bytes, "cached"
+        return label_bytes + coverage_bytes, foreground_bound, "on demand"
+    return int(raw_voxels * BYTES_PER_RAW_VOXEL) + label_bytes + coverage_bytes, foreground_bound, "cached"
 
 
-def manifest_estimates(manifest: Path, scale, all_resolutions: bool) -> dict[int, tuple[int, str]]:
-    """estimate_crop_bytes for every crop of a train manifest, by crop id."""
+def manifest_estimates(manifest: Path, scale, all_resolutions: bool, crop_ids=None) -> dict[int, tuple]:
+    """estimate_crop_bytes for the crops `crop_ids` of a train manifest (default: all), by crop id, with the raw
+    a download of exactly those crops holds (mock_plan.py's model of `csc fetch-data`)."""
     rows = read_train_crops(manifest)
     datasets = {name: mock_plan.raw_pyramid(name, [r for r in rows.values() if r.dataset == name])
                 for name in sorted({r.dataset for r in rows.values()})}
-    return {crop_id: estimate_crop_bytes(mock_plan.crop_plan(row, datasets[row.dataset], "ours", 0, all_resolutions),
-                                         datasets[row.dataset], scale)
-            for crop_id, row in rows.items()}
+    chosen = [rows[i] for i in (rows if crop_ids is None else crop_ids) if i in rows]
+    fetched: dict[tuple[str, str], list] = {}
+    for row in chosen:
+        dataset = datasets[row.dataset]
+        plan = mock_plan.crop_plan(row, dataset, "ours", 0, all_resolutions)
+        for level in dataset.levels:
+            if level.path in plan.raw_chunks:
+                fetched.setdefault((row.dataset, level.path), []).append(
+                    _level_box_nm(level, plan.raw_chunks[level.path]))
+    return {row.crop_id: estimate_crop_bytes(
+        row, datasets[row.dataset], {path: boxes for (name, path), boxes in fetched.items() if name == row.dataset},
+        scale) for row in chosen}
 
 
 # ----------------------------------------------------------------------------------------------------
 # cache: the measurement
 # ----------------------------------------------------------------------------------------------------
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+SIDE_FILES = ("foreground.npy", "meta.json")   # not modelled by the estimate's raw and labels
+
+
+def folder_bytes(path: Path, leave_out: tuple[str, ...] = ()) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name not in leave_out)
 
 
 def crop_id_of(crop_path: str) -> int | None:
@@ -155,7 +179,8 @@ def bench_cache(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         directory = cache_directory(scale, fresh)
         total = folder_bytes(directory)
-        measured = {e.name: (crop_id_of(e.crop_path), folder_bytes(directory / crop_key(e, scale))) for e in entries}
+        measured = {e.name: (crop_id_of(e.crop_path), folder_bytes(directory / crop_key(e, scale)),
+                             folder_bytes(directory / crop_key(e, scale), SIDE_FILES)) for e in entries}
         states = {row["name"]: row["status"] for row in cache.rows}
         missing = {}
         for model in C.MODELS:
@@ -166,28 +191,35 @@ def bench_cache(args: argparse.Namespace) -> int:
         shutil.rmtree(fresh, ignore_errors=True)
 
     estimates = {flag: manifest_estimates(manifest, scale, flag) for flag in (False, True)}
+    measured_ids = [i for i, *_ in measured.values() if i is not None]
+    here = manifest_estimates(manifest, scale, False, measured_ids)   # a download of exactly these crops
     print(f"cache: {len(entries)} crops of {root}; training scale {'x'.join(f'{s:g}' for s in scale)} nm, "
           f"all {len(C.ALL_CLASSES)} classes; {args.workers} preparation workers")
     print(f"preparation: {seconds:.1f} s; peak memory {peaks.total_pss / 1024:.2f} GB (PSS of this process and "
           f"its workers at one instant; target <= {PREPARATION_TARGET_GB:g} GB), main process peak RSS "
           f"{peaks.rss / 1024:.2f} GB; cache {total / 1e9:.3f} GB")
-    print(f"{'crop':34s} {'status':>8s} {'measured MB':>12s} {'estimate MB':>12s} {'est/meas':>9s}")
-    for name, (crop_id, size) in measured.items():
-        estimate = estimates[False].get(crop_id)
+    print(f"{'crop':34s} {'status':>8s} {'measured MB':>12s} {'raw+labels MB':>14s} {'estimate MB':>12s} "
+          f"{'est/meas':>9s}")
+    for name, (crop_id, size, core) in measured.items():
+        estimate = here.get(crop_id)
         est = f"{estimate[0] / 1e6:12.1f}" if estimate else f"{'-':>12s}"
-        ratio = f"{estimate[0] / size:9.2f}" if estimate and size > 4096 else f"{'-':>9s}"
-        print(f"{name:34s} {states.get(name, '?'):>8s} {size / 1e6:12.1f} {est} {ratio}")
-    known = [(estimates[False][i], s) for i, s in measured.values() if i in estimates[False]]
+        ratio = f"{estimate[0] / core:9.2f}" if estimate and core > 4096 else f"{'-':>9s}"
+        print(f"{name:34s} {states.get(name, '?'):>8s} {size / 1e6:12.1f} {core / 1e6:14.1f} {est} {ratio}")
+    known = [(here[i][0], core) for i, _, core in measured.values() if i in here]
     if known:
-        print(f"estimate / measured over the {len(known)} manifest crops measured here: "
-              f"{sum(e for (e, _), _ in known) / max(1, sum(s for _, s in known)):.2f}")
+        print(f"estimate / measured raw and labels over the {len(known)} manifest crops measured here: "
+              f"{sum(e for e, _ in known) / max(1, sum(c for _, c in known)):.2f} (estimate: a download of exactly "
+              f"these crops; foreground coordinates and meta.json, {sum(s - c for _, s, c in measured.values()) / 1e6:.1f} "
+              f"MB here, are added to the extrapolation at their bound)")
     for flag, label in ((False, "default csc fetch-data"), (True, "EM fetched at all resolutions")):
         values = estimates[flag].values()
-        counts = {state: sum(1 for _, s in values if s == state) for state in ("cached", "on demand", "skipped")}
-        size = sum(b for b, _ in values) / 1e9
+        counts = {state: sum(1 for *_, s in values if s == state)
+                  for state in ("cached", "on demand", "skipped", "no classes")}
+        size = sum(b + bound for b, bound, _ in values) / 1e9
         print(f"extrapolated to the {len(values)} crops of {manifest.name} ({label}): {size:.1f} GB "
               f"(target <= {CACHE_TARGET_GB:g} GB); crops cached {counts['cached']}, raw on demand "
-              f"{counts['on demand']}, skipped {counts['skipped']}")
+              f"{counts['on demand']}, skipped for want of raw {counts['skipped']}, without any of the "
+              f"{len(C.ALL_CLASSES)} classes {counts['no classes']}")
     print(f"\ntraining samples whose raw is >= {MISSING_LIMIT:.0%} missing ({args.samples} draws per model, "
           f"--max-missing-raw {cfg.max_missing_raw:g}):")
     print(f"{'model':9s} {'patch':>16s} {'>= 50% missing':>15s} {'mean missing':>13s} {'max missing':>12s}")
@@ -264,17 +296,20 @@ def bench_sliding(args: argparse.Namespace) -> int:
     dims = C.MODELS[args.model].dims
     if dims == 2 and C.MODELS[args.model].input_slices != 1:
         raise ValueError(f"--model {args.model}: MONAI's window cannot give a tile z context; use unet_2d or unet_3d")
-    if min(args.shape, args.tile, args.batch_size, args.repeats, args.classes) < 1 or not 0 <= args.overlap < 1:
-        raise ValueError("--shape, --tile, --batch-size, --repeats and --classes must be >= 1, --overlap in [0, 1)")
+    if min(args.shape, args.tile, args.batch_size, args.repeats) < 1 or not 0 <= args.overlap < 1:
+        raise ValueError("--shape, --tile, --batch-size and --repeats must be >= 1, --overlap in [0, 1)")
     multiple = 2 ** (args.depth - 1)
     if args.tile % multiple:
         raise ValueError(f"--tile {args.tile} must be a multiple of {multiple} for a UNet of depth {args.depth}")
     torch.manual_seed(0)
-    model = UNet(1, args.classes, dims=dims, base_channels=args.base_channels, depth=args.depth).to(device).eval()
+    cfg = C.config_from_options(device.type, "", model=args.model, classes=args.classes,
+                                base_channels=args.base_channels, depth=args.depth)
+    model = unet_for_run(cfg).to(device).eval()
+    classes = len(cfg.classes)
     tile = (args.tile if dims == 3 else 1, args.tile, args.tile)
     spec = PatchSpec(tile, dims)
     raw = np.random.default_rng(0).integers(0, 256, size=(args.shape,) * 3, dtype=np.uint8)
-    crop = ArrayCrop(raw, args.classes)
+    crop = ArrayCrop(raw, classes)
     predictor = model if dims == 3 else SliceModel(model)
     volume = torch.from_numpy(raw).to(device)[None, None]
     weights = torch.from_numpy(inference.blending_weights(tile)).to(device)  # the same blend for both
@@ -299,12 +334,12 @@ def bench_sliding(args: argparse.Namespace) -> int:
             seconds, peak, outputs[name] = measure(calls[name], device)
             times[name].append(seconds)
             peaks[name] = max(peaks[name], peak)
-    output_mb = args.classes * raw.size * 4 / 2**20
+    output_mb = classes * raw.size * 4 / 2**20
     difference = float(np.abs(outputs["toolkit"] - outputs["MONAI"]).max())
     where = "GPU memory" if device.type == "cuda" else "RSS"
     print(f"sliding: {args.model} (UNet base {args.base_channels}, depth {args.depth}), crop {args.shape}^3, tile "
           f"{tile}, overlap {args.overlap:g}, Gaussian blend sigma {inference.BLEND_SIGMA:g} x tile, batch "
-          f"{args.batch_size}, {args.classes} classes; {args.repeats} interleaved repeats; device {device}, torch "
+          f"{args.batch_size}, {classes} classes ({args.classes}); {args.repeats} interleaved repeats; device {device}, torch "
           f"threads {torch.get_num_threads()}; float32 output {output_mb:.0f} MB")
     print(f"{'window':8s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'peak ' + where + ' MB':>18s} {'x output':>9s}")
     for name in calls:
@@ -325,7 +360,7 @@ def add_sliding_command(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tile", type=int, default=64, help="tile edge (y/x; also z for 3D)")
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
-    parser.add_argument("--classes", type=int, default=14)
+    parser.add_argument("--classes", choices=list(C.CLASS_SETS), default="all")
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)

@@ -64,6 +64,7 @@ class Run:
     history: list[dict]
     datasplit: str | None
     identity: dict      # everything that defines the arm: model, loss, settings, loss configuration
+    final: dict | None = None   # results.json's final_evaluation: checkpoints scored on every validation crop
 
 
 def load_run(directory: Path) -> Run:
@@ -101,7 +102,8 @@ def load_run(directory: Path) -> Run:
                     **{f"loss.{k}": v for k, v in (loss_config.get("kwargs") or {}).items()}}
         return Run(directory=directory, name=results.get("run_name", directory.name), seed=int(results["seed"]),
                    classes=list(results["classes"]), best_epoch=int(results["best_epoch"]), best=best,
-                   history=history, datasplit=results.get("datasplit"), identity=identity)
+                   history=history, datasplit=results.get("datasplit"), identity=identity,
+                   final=results.get("final_evaluation") or None)
     except (KeyError, TypeError, ValueError) as err:
         raise SkipRun(f"{path} lacks a valid {err} (written by another version of the toolkit?)") from None
 
@@ -315,10 +317,11 @@ class Paired:
         return None if self.low is None else not (self.low <= 0 <= self.high)
 
 
-def paired_difference(a: list[Run], b: list[Run], value) -> Paired:
-    """The paired comparison of b against a; `value(run)` is the metric (None = not scored, left out)."""
+def paired_difference(a: list[Run], b: list[Run], value, value_b=None) -> Paired:
+    """The paired comparison of b against a; `value(run)` is the metric (None = not scored, left out), and
+    `value_b` b's when it differs (another evaluation of b's runs)."""
     va = {r.seed: value(r) for r in a}
-    vb = {r.seed: value(r) for r in b}
+    vb = {r.seed: (value_b or value)(r) for r in b}
     diffs = [vb[s] - va[s] for s in sorted(set(va) & set(vb)) if va[s] is not None and vb[s] is not None]
     n = len(diffs)
     if n == 0:
@@ -339,11 +342,11 @@ def class_dice_of(cls: str):
     return lambda run: run.best["per_class"].get(cls, {}).get("dice")
 
 
-def difference_cell(a: Arm, b: Arm, value, unpaired: tuple[Stat, Stat]) -> str:
+def difference_cell(a: Arm, b: Arm, value, unpaired: tuple[Stat, Stat], value_b=None) -> str:
     """b - a: paired over common seeds with its 95% interval, 'not distinguishable' when the interval holds 0;
     one common seed: the difference alone; no common seed: the difference of the means, marked '(unpaired)'
-    and '(within noise)' by the unpaired rule."""
-    paired = paired_difference(a.runs, b.runs, value)
+    and '(within noise)' by the unpaired rule. `value_b`: b's metric when it differs from a's."""
+    paired = paired_difference(a.runs, b.runs, value, value_b)
     if paired.n == 0:
         sa, sb = unpaired
         if sa.mean is None or sb.mean is None:
@@ -510,6 +513,69 @@ def ranking_section(arms: list[Arm]):
              "vs rank 1: this arm minus the first, in mean Dice and in " + C.KEY_CLASS + " Dice, " + PAIRED_NOTE
              + " The ranking orders the means; only arms distinguishable from rank 1 are established as below it."]
     return ("Ranking by mean Dice", header, rows, set(), notes)
+
+
+# Final evaluation: the chosen checkpoint on every validation crop (8-nm sliding window, official score)
+FINAL_VARIANTS = (("best", ""), ("best_tta_orthoplane", " + TTA + orthoplane"))
+
+
+def _official_score(evaluation: dict, cls: str):
+    entry = evaluation["official"]["classes"][cls]
+    return entry["combined"] if "combined" in entry else entry["iou"]
+
+
+FINAL_COLUMNS = (
+    ("8-nm mean Dice", lambda e: e["tilings"]["sliding"]["mean_dice"]),
+    (f"8-nm {C.KEY_CLASS} Dice", lambda e: e["tilings"]["sliding"]["per_class"][C.KEY_CLASS]["dice"]),
+    ("official overall", lambda e: e["official"]["overall"]),
+    (f"official {C.KEY_CLASS}", lambda e: _official_score(e, C.KEY_CLASS)),
+    ("official semantic IoU", lambda e: e["official"]["semantic_mean"]),
+    ("official instance", lambda e: e["official"]["instance_mean"]),
+)
+
+
+def final_value(key: str, pick):
+    """value(run): `pick` of the run's final evaluation `key`, None where it has none or lacks the entry."""
+    def value(run: Run):
+        try:
+            return pick(run.final[key])
+        except (KeyError, TypeError):
+            return None
+    return value
+
+
+def final_section(arms: list[Arm]):
+    """Each arm's best checkpoint (and a 2D model's with TTA + orthoplane) on every validation crop, in both
+    metrics, with the paired difference from the strongest 2D row; None when no run has a final evaluation."""
+    rows = [(arm, key, arm.label + suffix) for arm in arms for key, suffix in FINAL_VARIANTS
+            if any(final_value(key, lambda e: e)(r) for r in arm.runs)]
+    if not rows:
+        return None
+    strong = [row for row in rows if row[1] == FINAL_VARIANTS[1][0]]
+    reference = strong[0] if len(strong) == 1 else rows[0]
+    pick_key = FINAL_COLUMNS[3][1]
+    header = ["checkpoint", "n"] + [name for name, _ in FINAL_COLUMNS] + [
+        f"official {C.KEY_CLASS} vs reference (paired 95% CI)"]
+    table = []
+    for arm, key, label in rows:
+        stats = [summarize([final_value(key, pick)(r) for r in arm.runs]) for _, pick in FINAL_COLUMNS]
+        if (arm, key) == reference[:2]:
+            versus = "reference"
+        else:
+            versus = difference_cell(reference[0], arm, final_value(reference[1], pick_key),
+                                     (summarize([final_value(reference[1], pick_key)(r) for r in reference[0].runs]),
+                                      stats[3]), value_b=final_value(key, pick_key))
+        table.append([label, str(stats[0].n)] + [fmt_stat(s) for s in stats] + [versus])
+    notes = ["after training, the best checkpoint on every validation crop in full: 8-nm = the sliding window "
+             "(overlap 0.5, Gaussian blend) scored on the 8-nm training grid (toolkit metric); official = the "
+             "challenge's score at each crop's native resolution (official.py rules: semantic IoU pooled in "
+             f"native voxels, instance classes such as {C.KEY_CLASS} by F1 x Hausdorff after connected components, "
+             "overall = sqrt(instance x semantic)).",
+             "+ TTA + orthoplane: the same 2D checkpoint predicting under the 8 dihedral transforms of the y/x "
+             "plane along z, y and x, averaged: the strongest 2D the comparison holds 2.5D against.",
+             f"the last column: this row minus the reference row ({reference[2]}) in the official {C.KEY_CLASS} "
+             "score, " + PAIRED_NOTE]
+    return ("Final evaluation: both metrics", header, table, set(), notes)
 
 
 def runs_markdown(arms: list[Arm], skipped: list[tuple[Path, str]]) -> str:

@@ -354,6 +354,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--final-evaluation", "at the end: the best and last checkpoints on every validation crop in full "
            "(8-nm metric) and, with official, the challenge's score at native resolution", "official",
            choices=("none", "full", "official"), field="final_evaluation"),
+    Option("--final-tta-orthoplane", "the final evaluation also scores the best checkpoint with test-time "
+           "augmentation (8 dihedral transforms) and orthoplane averaging, the strongest form of a 2D model: auto "
+           "= on for unet_2d in --mode model_comparison (compare-models)", "auto", choices=("auto", "on", "off"),
+           field="final_tta_orthoplane"),
     Option("--max-nonfinite", "stop after this many non-finite steps in a row", 25, int,
            field="max_consecutive_nonfinite", rule=(lambda v: v >= 1, ">= 1")),
     Option("--channels-last", "2D channels_last memory format", Derived("on for CUDA, off on CPU",
@@ -387,6 +391,10 @@ def _config_methods():
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"run config has unknown fields {sorted(unknown)}")
+        missing = names - set(d)
+        if missing:  # no default is guessed: an older run's behaviour is not always today's default
+            raise ValueError(f"run config lacks {', '.join(sorted(missing))} (written by an older version of the "
+                             f"toolkit; retrain, or use the version that wrote it)")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def differences(self, other, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -467,6 +475,8 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.val_patch_yx % multiple:
         raise ValueError(f"--val-patch-yx {cfg.val_patch_yx} must be a multiple of {multiple} for a UNet of depth "
                          f"{cfg.depth}")
+    if cfg.final_tta_orthoplane == "on" and MODELS[cfg.model].dims == 3:
+        raise ValueError(f"--final-tta-orthoplane on averages 2D predictions along z, y and x: {cfg.model} is 3D")
     if MODELS[cfg.model].dims == 3 and z % multiple:
         raise ValueError(f"3D patch depth {z} must be a multiple of {multiple} for depth {cfg.depth}")
 

@@ -7,7 +7,8 @@ a tile) and blends them with Gaussian importance weights (sigma = 1/8 of the til
 the most context, count most); probabilities are averaged in float32, then thresholded at 0.5 for the
 metrics. 2D/2.5D models slide over every z slice with their 1 or 5 slices of z context; 3D models slide in
 z too. Raw comes from the crop's window (the cache, or raw read on demand); missing raw is filled per tile
-as in training (sampling.cut_patch) and the labels under it are not counted. With `tta` each tile is
+as in training (sampling.cut_patch) and the labels under it are not counted; a tile with no EM at all is not
+predicted (probability 0 where no other tile reaches: a coarse crop may have 8-nm EM over a small part only). With `tta` each tile is
 predicted under the 8 dihedral transforms of its y/x plane and the probabilities averaged; with
 `orthoplane` a 2D/2.5D model predicts slices along z, y and x (the training grid is isotropic, and training
 augments every orientation of the plane) and the three are averaged: the official toolbox's default for 2D.
@@ -188,6 +189,10 @@ def _add_row(model, crop, spec: PatchSpec, z: int, tiles, acc, wsum, weights, ba
     y0, x0 = min(t[0] for t in tiles), min(t[1] for t in tiles)
     y1, x1 = max(t[0] for t in tiles) + ly, max(t[1] for t in tiles) + lx
     raw, valid = crop.raw_window((z - context_z, y0, x0), (spec.raw_shape[0], y1 - y0, x1 - x0))
+    if not valid.all():  # tiles without any EM are not predicted: their voxels keep probability 0
+        tiles = [(y, x) for y, x in tiles if valid[:, y - y0: y - y0 + ly, x - x0: x - x0 + lx].any()]
+        if not tiles:
+            return
     raw, valid = torch.from_numpy(raw).to(device), torch.from_numpy(valid).to(device)
     # Batches of near-equal size (25 tiles at batch 4: 4,4,4,4,3,3,3, not 4 x 6 + 1): on the CPU a batch of one
     # tile costs about 7 tiles' time in batches of 4.

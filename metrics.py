@@ -136,7 +136,8 @@ class ConfusionCounter:
         # bin, so no boolean indexing (which would need the host to learn the output size).
         bins, classes = self._bins, self.num_classes
         class_offset = torch.arange(classes, device=self.device).view(1, classes, *([1] * (probs.ndim - 2)))
-        index = torch.bucketize(probs, self._sweep_bounds, right=True) + class_offset * bins
+        # bucketize copies a non-contiguous input anyway (3D tiles arrive permuted); say so, without its warning
+        index = torch.bucketize(probs.contiguous(), self._sweep_bounds, right=True) + class_offset * bins
         index += positive.long() * (classes * bins)
         discard = 2 * classes * bins
         index = torch.where(valid, index, discard).flatten()

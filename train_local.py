@@ -353,6 +353,16 @@ def log_run_header(recorder: RunRecorder, cfg: C.RunConfig, env: DistributedEnv)
         f"{cfg.epochs} epochs x {cfg.iterations} steps")
 
 
+TTA_ORTHOPLANE = "best_tta_orthoplane"   # final_evaluation's entry of the best checkpoint with TTA and orthoplane
+
+
+def uses_tta_orthoplane(cfg: C.RunConfig) -> bool:
+    """--final-tta-orthoplane: on, or auto for the 1-slice 2D model in the model comparison (the baseline 2.5D
+    is measured against; 24 predictions per tile, so not in the other modes by default)."""
+    return cfg.final_tta_orthoplane == "on" or (cfg.final_tta_orthoplane == "auto" and cfg.model == "unet_2d"
+                                                and cfg.mode == "model_comparison")
+
+
 def final_evaluation(plan: RunPlan, data: RunData, recorder: RunRecorder, device: torch.device) -> int:
     """The chosen checkpoints (best, and last when it is another epoch) on every validation crop in full
     (8-nm metric) and, with --final-evaluation official, under the challenge's rules; into results.json."""
@@ -377,6 +387,15 @@ def final_evaluation(plan: RunPlan, data: RunData, recorder: RunRecorder, device
         log(format_table(evaluations[which]["tilings"]["training"], cfg.classes))
         if official:
             log(official_table(evaluations[which]["official"]))
+    if uses_tta_orthoplane(cfg) and "best" in chosen:
+        _, model, state = load_run_model(recorder.run_dir, "best", device)
+        log("final evaluation of best.pt with test-time augmentation and orthoplane averaging")
+        strongest = EvalOptions(("sliding",), official=official, tta=True, orthoplane=True)
+        evaluations[TTA_ORTHOPLANE] = evaluate_checkpoint(cfg, model, state["epoch"], results, data.cache,
+                                                          plan.entries, device, strongest, "best", cfg.workers)
+        log(format_table(evaluations[TTA_ORTHOPLANE]["tilings"]["sliding"], cfg.classes))
+        if official:
+            log(official_table(evaluations[TTA_ORTHOPLANE]["official"]))
     results["final_evaluation"] = evaluations
     try:
         recorder.save()

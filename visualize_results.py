@@ -22,8 +22,8 @@ import zlib
 from pathlib import Path
 
 import config_shenron as C
-from comparison import (Report, SkipRun, dice_section, expand_folders, group_arms, load_run, ordered_classes,
-                        precision_recall_section, ranking_section, runs_markdown, warnings_for)
+from comparison import (Report, SkipRun, dice_section, expand_folders, final_section, group_arms, load_run,
+                        ordered_classes, precision_recall_section, ranking_section, runs_markdown, warnings_for)
 from errors import DataError, RunFileError
 from plots import plot_dice_bars, plot_precision_recall, plot_training_curves, write_panel
 
@@ -96,10 +96,12 @@ def main(argv=None) -> int:
         print(line)
 
     ranking = [ranking_section(arms)] if args.ranking else []
-    report = Report([dice_section(arms, classes, args.baseline), *ranking, precision_recall_section(arms, classes)])
+    final = [section for section in (final_section(arms),) if section]
+    report = Report([dice_section(arms, classes, args.baseline), *ranking, *final,
+                     precision_recall_section(arms, classes)])
     # Many arms: the terminal gets means only and no precision/recall table, which stay in the Markdown.
     compact = len(arms) > TERMINAL_MAX_ARMS
-    terminal = Report([dice_section(arms, classes, args.baseline, spread=not compact), *ranking]
+    terminal = Report([dice_section(arms, classes, args.baseline, spread=not compact), *ranking, *final]
                       + ([] if compact else [precision_recall_section(arms, classes)]))
     plot_dice_bars(arms, classes, out / "dice_bars.png", args.baseline)
     plot_training_curves(arms, out / "training_curves.png")

@@ -42,6 +42,7 @@ def test_explicit_options_win_and_convert_to_config_values(tmp_path):
     (("--grad-clip", 0), "--grad-clip 0.0 is out of range: must be > 0"),
     (("--epochs", 1, "--iterations", 2), "the OneCycle schedule needs at least 3"),
     (("--patch-yx", 100, "--depth", 4), "--patch-yx 100 must be a multiple of 8"),
+    (("--model", "unet_3d", "--final-tta-orthoplane", "on"), "--final-tta-orthoplane on averages 2D predictions"),
 ])
 def test_bad_values_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message):

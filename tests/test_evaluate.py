@@ -344,6 +344,34 @@ def test_sliding_window_masks_voxels_whose_raw_is_missing():
     assert (sample["labels"] != UNANNOTATED).any(), "the target slice's raw exists: its labels count"
 
 
+class HalfFetched(MemoryCrop):
+    """EM only over y < 32 (as a coarse crop with 8-nm raw fetched for a finer crop inside it)."""
+
+    def raw_window(self, start, shape):
+        raw, valid = super().raw_window(start, shape)
+        ys = np.arange(start[1], start[1] + shape[1])
+        valid &= (ys < 32)[None, :, None]
+        return np.where(valid, raw, 0).astype(raw.dtype), valid
+
+
+class CountingTiles(TileMean):
+    def __init__(self):
+        super().__init__()
+        self.tiles = 0
+
+    def forward(self, x):
+        self.tiles += x.shape[0]
+        return super().forward(x)
+
+
+def test_tiles_without_any_em_are_not_predicted():
+    crop = HalfFetched((2, 64, 32), (0, 0, 0))
+    model = CountingTiles()
+    probs = inference.predict_crop(model, crop, PatchSpec((1, 16, 16), 2), "cpu", overlap=0.0, batch_size=3)
+    assert model.tiles == 2 * 2 * 2                     # z x (y tiles with EM) x x, not the 16 of the crop
+    assert (probs[:, :, 32:] == 0).all() and (probs[:, :, :32] > 0).all()
+
+
 def test_counting_targets_mask_unannotated_voxels_and_missing_raw():
     crop = memory_crop((5, 7, 9), (0, 0, 0), seed=4)
     target = inference.labels_for_counting(crop, 1, 3)       # z slab 1 .. 3

@@ -67,6 +67,13 @@ def test_training_functions_are_at_most_80_lines(module):
     assert long == {}
 
 
+def test_a_runs_unet_is_built_in_one_place():
+    """models.unet_for_run is the one way a run's model is built (it used to be built in four places)."""
+    builders = {name: len(re.findall(r"\bUNet\(", path.read_text())) for name, path in MODULES.items()
+                if name != "models"}
+    assert {k: v for k, v in builders.items() if v} == {}
+
+
 def test_no_fault_injection_in_production_code():
     """Faults are injected by tests/faults.py from outside; no option, argument or environment hook for them."""
     hooks = re.compile(r"\bfaults?\b|\bfault[-_]|CELLMAP_DEBUG|\bpoison\s*=", re.I)

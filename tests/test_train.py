@@ -234,8 +234,8 @@ def test_torchrun_validation_equals_single_process_evaluation(ddp_run, cache_dir
 def subset_run(tiny_root, session_cli_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("subset")
     done = run_training([*TINY_RUN_OPTIONS, "--epochs", 2, "--iterations", 2, "--val-budget", "0.5",
-                         "--final-evaluation", "official", "--data-root", tiny_root, "--out-dir", out,
-                         "--run-name", "s"], session_cli_env)
+                         "--final-evaluation", "official", "--final-tta-orthoplane", "on", "--data-root", tiny_root,
+                         "--out-dir", out, "--run-name", "s"], session_cli_env)
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "s", done.stdout
 
@@ -247,13 +247,33 @@ def test_validation_during_training_is_a_fixed_subset_and_the_end_is_in_full(sub
     assert validation["tiles"] == 2 < validation["of_tiles"]      # ceil(0.5 x 2 steps x batch 2) tiles
     assert "fixed subset" in validation["subset"] and validation["metric"].startswith("8-nm training grid")
     final = results["final_evaluation"]
-    assert set(final) <= {"best", "last"} and "best" in final
+    assert set(final) <= {"best", "last", "best_tta_orthoplane"} and "best" in final
     full = final["best"]["tilings"]["training"]
     assert full["tiles"] == validation["of_tiles"] and full["metric"].startswith("8-nm training grid")
     assert full["recorded"] is None and "not comparable" in full["recorded_source"]
     official = final["best"]["official"]
     assert official["rules_version"].startswith("cellmap-segmentation-challenge") and "nuc" in official["classes"]
     assert "final evaluation of best.pt" in stdout and "overall" in stdout
+    strongest = final["best_tta_orthoplane"]          # the 2D model's strongest form, scored in both metrics
+    sliding = strongest["tilings"]["sliding"]
+    assert sliding["tta"] and sliding["orthoplane"] and sliding["metric"].startswith("8-nm training grid")
+    assert strongest["official"]["overall"] is not None and strongest["epoch"] == final["best"]["epoch"]
+    assert "with test-time augmentation and orthoplane averaging" in stdout
+
+
+def test_results_name_every_crop_and_the_sampler_settings(subset_run):
+    """results.json's `crops`: one row per datasplit row with its split, status and expected share of the
+    training samples; the sampler's settings are in the config."""
+    run_dir, _ = subset_run
+    results = load_json(run_dir / "results.json")
+    rows = {r["name"]: r for r in results["crops"]}
+    assert set(rows) == {"tiny_iso/crop1", "tiny_iso/crop2", "tiny_iso/crop3"}
+    assert all(r["status"] == "used" and r["label_voxel_size"] == [8.0, 8.0, 8.0] for r in rows.values())
+    train = [r for r in rows.values() if r["split"] == "train"]
+    assert len(train) == 2 and sum(r["sample_share"] for r in train) == pytest.approx(1.0)
+    assert rows["tiny_iso/crop3"]["split"] == "validate" and rows["tiny_iso/crop3"]["sample_share"] is None
+    config = results["config"]
+    assert (config["foreground_fraction"], config["max_missing_raw"], config["seed"]) == (0.5, 0.25, 0)
 
 
 def test_ddp_validation_with_a_rank_without_tiles_completes_and_counts_like_one_process(tiny_root, session_cli_env,

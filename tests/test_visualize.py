@@ -188,6 +188,40 @@ def test_ranking_pairs_the_arms_seed_by_seed(tmp_path):
         "-", "-0.030 [-0.157, +0.097] not distinguishable", "-0.310 [-0.437, -0.183]"]
 
 
+def fake_final(mean_dice: float, nuc_dice: float, overall: float, nuc: float) -> dict:
+    """A final_evaluation entry as evaluation.py writes it (the fields the report reads)."""
+    return {"tilings": {"sliding": {"mean_dice": mean_dice, "per_class": {"nuc": {"dice": nuc_dice}}}},
+            "official": {"overall": overall, "semantic_mean": overall ** 2 / nuc, "instance_mean": nuc,
+                         "classes": {"nuc": {"kind": "instance", "combined": nuc}}}}
+
+
+def test_final_evaluation_section_holds_2d_tta_against_25d(tmp_path):
+    """Both metrics side by side, 2D + TTA + orthoplane as its own row and the reference of the paired
+    official-nuc difference (hand-computed per seed)."""
+    official_nuc = {("unet_2d", 0): 0.50, ("unet_2d", 1): 0.56, ("unet_25d", 0): 0.70, ("unet_25d", 1): 0.72}
+    tta_nuc = {0: 0.60, 1: 0.62}
+    for (model, seed), per_class in FAKE.items():
+        results = fake_results(model, "dice", seed, per_class)
+        results["final_evaluation"] = {"best": fake_final(0.5, 0.6, 0.4, official_nuc[(model, seed)])}
+        if model == "unet_2d":
+            results["final_evaluation"]["best_tta_orthoplane"] = fake_final(0.55, 0.65, 0.45, tta_nuc[seed])
+        write_run(tmp_path, results)
+    assert V.main([str(tmp_path), "--out", str(tmp_path / "report"), "--no-panel"]) == 0
+    md = (tmp_path / "report" / "comparison.md").read_text()
+    section = md.split("## Final evaluation: both metrics")[1].split("##")[0]
+    header = table_row(section, "checkpoint")
+    assert header[2:8] == ["8-nm mean Dice", "8-nm nuc Dice", "official overall", "official nuc",
+                           "official semantic IoU", "official instance"]
+    plain, tta, deeper = (table_row(section, label) for label in ("2D", "2D + TTA + orthoplane", "2.5D"))
+    assert plain[5] == stat_text([0.50, 0.56]) and tta[5] == stat_text([0.60, 0.62]) and deeper[5] == stat_text([0.70, 0.72])
+    assert tta[2] == "0.550 ± 0.000" and tta[8] == "reference"
+    # 2.5D - (2D + TTA) per seed: +0.10, +0.10 -> +0.100, no spread; 2D - (2D + TTA): -0.10, -0.06 -> -0.080,
+    # sd 0.02828, t(0.975, 1) = 12.706 -> +-0.254.
+    assert deeper[8] == "+0.100 [+0.100, +0.100]"
+    assert plain[8] == "-0.080 [-0.334, +0.174] not distinguishable"
+    assert "official = the challenge's score at each crop's native resolution" in section
+
+
 def test_nothing_usable_exits_2(tmp_path, capsys):
     write_run(tmp_path, fake_results("unet_2d", "dice", 0, FAKE[("unet_2d", 0)], status="running"))
     write_run(tmp_path, "empty-run")
