@@ -37,6 +37,7 @@ from resample import ChunkGrid, OnDemandRaw, nearest_index
 
 CACHE_FORMAT_VERSION = 2
 UNANNOTATED = 255          # label code for "not annotated here" (becomes NaN in the target)
+MIN_VALIDATION_COVERAGE = 0.5  # a validation crop with less raw than this at the training scale is skipped
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,6 +102,15 @@ def prepare_cache(entries: Sequence[CropEntry], classes: Sequence[str], scale: S
         crop = CachedCrop.open(e, store, meta, classes)
         if not crop.annotated.any():
             rows.append(dict(row, status="skipped", reason="none of the requested classes is annotated", fix=""))
+            continue
+        if e.split == "validate" and crop.raw_coverage < MIN_VALIDATION_COVERAGE:
+            # Validation tiles and predicts a crop whole: crop 289 (1000^3 at 32 nm, 0.039% raw at 8 nm in the
+            # default download) would be 4 million 2D tiles, nearly all without EM, and a full-crop prediction
+            # of 64e9 voxels per class, for a score of the few voxels with raw.
+            rows.append(dict(row, status="skipped", reason=f"a validation crop needs raw EM over most of it; it has "
+                             f"{share_text(crop.raw_coverage)} at the training scale", fix="put it in the train split "
+                             "(it is trained where raw exists), or fetch its EM at all resolutions "
+                             "(csc fetch-data --fetch-all-em-resolutions)"))
             continue
         crops.append(crop)
         rows.append(dict(row, status="used", annotated=[c for c, a in zip(classes, crop.annotated) if a],
@@ -307,6 +317,11 @@ class CropCache:
 DEGRADED_COVERAGE = 0.95  # a crop with less raw than this is reported as degraded (edge voxels aside)
 
 
+def share_text(fraction: float) -> str:
+    """A share as a percentage that never rounds a small non-zero share to 0% (0.000393 -> 0.039%)."""
+    return f"{fraction:.0%}" if fraction >= 0.01 or fraction == 0 else f"{100 * fraction:.2g}%"
+
+
 def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequence[int] | None = None) -> list[str]:
     """Lines saying what was loaded: crops per split, one line per skipped crop with the fix, one per crop whose
     raw is partly missing, the crops smaller than a patch, and the classes no crop of a split annotates."""
@@ -315,8 +330,8 @@ def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequen
         crops = cache.split(split)
         for c in crops:
             if c.raw_coverage < DEGRADED_COVERAGE:
-                lines.append(f"  {split}: {c.name}: raw EM covers {c.raw_coverage:.0%} of the crop; the voxels "
-                             f"without it are masked out of the loss and the metrics")
+                lines.append(f"  {split}: {c.name}: raw EM covers {share_text(c.raw_coverage)} of the crop; the "
+                             f"voxels without it are masked out of the loss and the metrics")
             if patch_yx is not None and (c.shape[1] < patch_yx[0] or c.shape[2] < patch_yx[1]):
                 # Kept, unlike cellmap-data, which drops such crops silently: their patches take the raw context
                 # from around the crop, and their labels beyond its edge are masked out of the loss and metrics.
@@ -324,7 +339,9 @@ def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequen
                              f"{patch_yx[0]}x{patch_yx[1]} patch: used, with the labels beyond its edge masked")
         listed = sum(e.split == split for e in entries)
         voxels = sum(int(np.prod(c.shape)) for c in crops)
-        lines.append(f"  {split}: {len(crops)}/{listed} crops used, {voxels:,} voxels at the training scale")
+        with_raw = round(sum(float(np.prod(c.shape)) * c.raw_coverage for c in crops))
+        lines.append(f"  {split}: {len(crops)}/{listed} crops used, {voxels:,} voxels at the training scale "
+                     f"({with_raw:,} with raw EM)")
         annotated = np.zeros(len(cache.classes), dtype=bool)
         for c in crops:
             annotated |= c.annotated
@@ -336,18 +353,48 @@ def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequen
             voxel = row.get("label_voxel_size")
             at = f" (labels at {' x '.join(f'{v:g}' for v in voxel)} nm)" if voxel else ""
             lines.append(f"  dropped {row['name']}{at}: {row['reason']}" + (f"; fix: {row['fix']}" if row['fix'] else ""))
+    for train, validate, voxels in split_overlaps(cache):
+        share = voxels / float(np.prod(validate.shape))
+        lines.append(f"  WARNING: train crop {train.name} overlaps validation crop {validate.name} ({share_text(share)} "
+                     f"of it): training sees raw that validation scores, so the validation metric is optimistic; fix: "
+                     f"put both crops in the same split of the datasplit CSV")
     if cache.dropped:
         lines.append(f"  WARNING: {len(cache.dropped)} of {len(entries)} crops dropped")
     return lines
 
 
+def split_overlaps(cache: CropCache) -> list[tuple[CachedCrop, CachedCrop, int]]:
+    """(train crop, validation crop, shared voxels on the training grid) for every used pair of one dataset
+    whose boxes intersect. The real download has such pairs: a coarse crop (e.g. crop 289, 1000^3 at 32 nm)
+    contains fine crops of its dataset, and the official make-datasplit splits crops without looking."""
+    pairs = []
+    for validate in cache.split("validate"):
+        dataset = validate.name.rsplit("/", 1)[0]
+        v_lo = np.array(validate.grid_start)
+        v_hi = v_lo + np.array(validate.shape)
+        for train in cache.split("train"):
+            if train.name.rsplit("/", 1)[0] != dataset:
+                continue
+            t_lo = np.array(train.grid_start)
+            extent = np.minimum(v_hi, t_lo + np.array(train.shape)) - np.maximum(v_lo, t_lo)
+            if (extent > 0).all():
+                pairs.append((train, validate, int(np.prod(extent))))
+    return pairs
+
+
 def crops_table(cache: CropCache, sample_share: dict[str, float], unusable: dict[str, str]) -> list[dict]:
     """results.json's `crops`: one row per datasplit row (name, split, label voxel size, used or skipped with
     the reason and fix, annotated classes, raw coverage at the training scale, expected share of training
-    samples); `unusable` are training crops the sampler leaves out (name -> reason)."""
+    samples; a validation crop that training crops overlap names them); `unusable` are training crops the
+    sampler leaves out (name -> reason)."""
+    overlapping: dict[str, list[str]] = {}
+    for train, validate, _ in split_overlaps(cache):
+        overlapping.setdefault(validate.name, []).append(train.name)
     rows = []
     for row in cache.rows:
         row = dict(row, sample_share=sample_share.get(row["name"]) if row["split"] == "train" else None)
+        if row["name"] in overlapping:
+            row["overlapping_train_crops"] = overlapping[row["name"]]
         if row["split"] == "train" and row["name"] in unusable:
             row.update(status="skipped", reason=unusable[row["name"]])
         rows.append(row)

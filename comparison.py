@@ -65,6 +65,7 @@ class Run:
     datasplit: str | None
     identity: dict      # everything that defines the arm: model, loss, settings, loss configuration
     final: dict | None = None   # results.json's final_evaluation: checkpoints scored on every validation crop
+    validation: dict | None = None  # results.json's validation: the tiles the per-epoch numbers come from
 
 
 def load_run(directory: Path) -> Run:
@@ -103,7 +104,7 @@ def load_run(directory: Path) -> Run:
         return Run(directory=directory, name=results.get("run_name", directory.name), seed=int(results["seed"]),
                    classes=list(results["classes"]), best_epoch=int(results["best_epoch"]), best=best,
                    history=history, datasplit=results.get("datasplit"), identity=identity,
-                   final=results.get("final_evaluation") or None)
+                   final=results.get("final_evaluation") or None, validation=results.get("validation"))
     except (KeyError, TypeError, ValueError) as err:
         raise SkipRun(f"{path} lacks a valid {err} (written by another version of the toolkit?)") from None
 
@@ -412,8 +413,15 @@ class Report:
         return "\n\n".join(p for p in parts if p)
 
 
-METRIC_NOTE = ("metric: 8-nm training-grid Dice, validation: every validation crop resampled to the 8 nm training "
-               "grid, TP/FP/FN pooled over all its voxels (not the challenge's own evaluation)")
+def metric_note(arms: list[Arm]) -> str:
+    """What the per-epoch numbers are: the 8-nm metric over the validation tiles the runs recorded."""
+    def tiles(v: dict | None) -> str:
+        if not v:
+            return "every validation crop in full (a run from before the validation subset)"
+        return f"{v['subset']} ({v['tiles']} of {v['of_tiles']} tiles of {' x '.join(map(str, v['tile']))} voxels)"
+    used = sorted({tiles(r.validation) for a in arms for r in a.runs})
+    return ("metric: 8-nm training-grid Dice, validation (not the challenge's own evaluation), TP/FP/FN pooled "
+            "over the annotated voxels of " + "; ".join(used))
 
 
 def seed_list(arm: Arm) -> str:
@@ -463,9 +471,9 @@ def dice_section(arms: list[Arm], classes: list[str], baseline: bool, spread: bo
 
     absent = sorted({c for a in arms for r in a.runs for c in r.best.get("absent_classes") or []},
                     key=lambda c: classes.index(c) if c in classes else 99)
-    notes = [METRIC_NOTE + ".", schedule_note(arms) + ".",
+    notes = [metric_note(arms) + ".", schedule_note(arms) + ".",
              f"Dice at each run's best epoch (highest validation mean Dice, so chosen on the validation set "
-             f"itself), threshold {DEFAULT_THRESHOLD}, TP/FP/FN pooled over the whole validation set.",
+             f"itself), threshold {DEFAULT_THRESHOLD}.",
              f"mean = mean over the classes present (annotated) in the validation set; absent classes, left "
              f"out of the mean: {', '.join(absent) if absent else 'none'}.",
              "a ± s = mean and sample standard deviation (n - 1) over seeds; n = seeds per arm."
@@ -507,7 +515,7 @@ def ranking_section(arms: list[Arm]):
              fmt_stat(a.final_mean_dice()), fmt_stat(a.best_minus_final()), class_cell(a, C.KEY_CLASS, "dice"),
              str(len(a.runs)), versus_top(i, a, mean_dice_of, Arm.mean_dice),
              versus_top(i, a, key_dice, lambda arm: arm.stat(C.KEY_CLASS, "dice"))] for i, a in enumerate(ranked)]
-    notes = [METRIC_NOTE + ".", schedule_note(ranked) + ".",
+    notes = [metric_note(ranked) + ".", schedule_note(ranked) + ".",
              "ranked by mean Dice at the best epoch; best epoch per seed; final-epoch mean Dice is the last "
              "epoch's, and best - final shows how much choosing the epoch on validation adds.",
              "vs rank 1: this arm minus the first, in mean Dice and in " + C.KEY_CLASS + " Dice, " + PAIRED_NOTE

@@ -4,8 +4,8 @@
                              [--val-fraction 0.15] [--seed 0]
     python data.py check-csv CSV
 
-write-csv mirrors the official make-datasplit (class filter, scale filter, validation fraction) and prints what
-it dropped and why. The reading, writing and validation rules are datasplit.py's; errors are one `error:`
+write-csv mirrors the official make-datasplit (class filter, scale filter, validation fraction), keeps crops
+that overlap on one side (the official tool does not), and prints what it dropped or grouped and why. The reading, writing and validation rules are datasplit.py's; errors are one `error:`
 line, exit status 2.
 """
 from __future__ import annotations

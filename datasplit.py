@@ -210,18 +210,23 @@ def scan_crops(root: str | Path, classes: Sequence[str] = ALL_CLASSES,
 
 def write_datasplit(root: str | Path, csv_path: str | Path, val_fraction: float = 0.15, seed: int = 0,
                     max_scale_nm: float | None = None, classes: Sequence[str] = ALL_CLASSES) -> tuple[Path, list[str]]:
-    """Scan `root` (scan_crops), split the crops at random (seeded; round(val_fraction x crops) validation
-    crops, at least one per side; the official tool draws each crop's side independently instead), write the
-    quoted CSV. Returns its path and the lines saying what was dropped."""
+    """Scan `root` (scan_crops), split the crops at random (seeded; about round(val_fraction x crops) validation
+    crops, at least one per side; the official tool draws each crop's side independently instead), crops
+    whose boxes overlap always on one side (overlap_groups), write the quoted CSV. Returns its path and the
+    lines saying what was dropped or grouped."""
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction} must be in (0, 1)")
     crops, dropped = scan_crops(Path(root).absolute(), classes, max_scale_nm)  # absolute: rows stay valid anywhere
     if len(crops) < 2:
         raise DataError(f"{root}: found {len(crops)} labelled crop(s) with the requested classes; need at least 2 to "
                         f"split (expected <root>/<ds>/<ds>.zarr/{GROUNDTRUTH_SUBPATH}/crop*/<class>)")
-    order = np.random.default_rng(seed).permutation(len(crops))
-    n_val = min(len(crops) - 1, max(1, round(val_fraction * len(crops))))
-    val = set(order[:n_val].tolist())
+    groups = overlap_groups(crops)
+    val = set(validation_rows(groups, len(crops), val_fraction, seed, root))
+    joined = [g for g in groups if len(g) > 1]
+    if joined:
+        example = ", ".join(crops[i].name for i in joined[0])
+        dropped.append(f"kept {sum(map(len, joined))} crops that overlap in {len(joined)} group(s), each group in one "
+                       f"split, so that validation never scores raw a training crop holds (e.g. {example})")
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")  # concurrent ranks may race here
@@ -234,6 +239,56 @@ def write_datasplit(root: str | Path, csv_path: str | Path, val_fraction: float 
                         f"{crop_rel}/[{','.join(c.classes)}]"])
     os.replace(tmp, csv_path)
     return csv_path, dropped
+
+
+def crop_box_nm(entry: CropEntry) -> tuple[np.ndarray, np.ndarray]:
+    """The crop's box in world nm, [low, high) per axis (z, y, x), from its first class's finest level."""
+    level = read_levels(Path(entry.crop_path) / entry.classes[0])[0]
+    scale, first = np.array(level.scale), np.array(level.translation)  # translation: the first voxel's centre
+    return first - scale / 2, first + scale * (np.array(level.shape) - 0.5)
+
+
+def overlap_groups(crops: Sequence[CropEntry]) -> list[list[int]]:
+    """Indices of `crops` grouped so that crops of one dataset whose boxes intersect share a group (transitively),
+    in order of their first crop. The real download needs it: a coarse crop (crop 289, 1000^3 at 32 nm) holds
+    fine crops of its dataset (266, 270), and a split that puts them on two sides validates on raw and nuclei
+    the model was trained on."""
+    boxes = [crop_box_nm(c) for c in crops]
+    group = list(range(len(crops)))
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for i in range(len(crops)):
+        for j in range(i + 1, len(crops)):
+            if crops[i].raw_path == crops[j].raw_path and (
+                    np.minimum(boxes[i][1], boxes[j][1]) > np.maximum(boxes[i][0], boxes[j][0])).all():
+                group[find(j)] = find(i)
+    members: dict[int, list[int]] = {}
+    for i in range(len(crops)):
+        members.setdefault(find(i), []).append(i)
+    return list(members.values())
+
+
+def validation_rows(groups: list[list[int]], n_crops: int, val_fraction: float, seed: int, root) -> list[int]:
+    """The crops of the groups drawn for validation: groups in a seeded random order, each taken that keeps
+    the validation side within round(val_fraction x crops); if none fits, the smallest group, as long as a
+    crop is left for training. With every group a single crop this is the plain seeded draw of crops."""
+    target = min(n_crops - 1, max(1, round(val_fraction * n_crops)))
+    chosen: list[int] = []
+    for g in np.random.default_rng(seed).permutation(len(groups)):
+        if len(chosen) + len(groups[int(g)]) <= target:
+            chosen += groups[int(g)]
+    if not chosen:
+        smallest = min(groups, key=len)
+        if len(smallest) == n_crops:
+            raise DataError(f"{root}: all {n_crops} crops overlap one another: no split keeps validation apart from "
+                            f"training; add crops that do not overlap, or write the CSV by hand")
+        chosen = smallest
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------

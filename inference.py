@@ -245,18 +245,21 @@ def predict_crop(model: torch.nn.Module, crop, spec: PatchSpec, device, overlap:
     if orthoplane and spec.dims != 2:
         raise ValueError("--orthoplane averages 2D predictions along z, y and x: it needs a 2D or 2.5D model")
     out = np.empty((len(crop.annotated),) + tuple(crop.shape), dtype=np.float32)  # the first pass fills it all
+    # Written through a torch view: torch's copy is threaded, numpy's slice assignment is not (measured: 1.3 s
+    # against 0.09 s for a 192^3 x 14-class output, 5% of the whole window's time on 2 CPU threads).
+    out_t = torch.from_numpy(out)
     for first, order in enumerate(ORTHOPLANES if orthoplane else ORTHOPLANES[:1]):
         view = AxisView(crop, order) if order != (0, 1, 2) else crop
         # the output with its axes in the view's order: the view's slabs go straight into it, no second array
-        out_view = out.transpose((0,) + tuple(1 + a for a in order))
+        out_view = out_t.permute((0,) + tuple(1 + a for a in order))
         for z0, probs in stream_probabilities(model, view, spec, device, overlap, batch_size, autocast, tta, progress):
             slab = out_view[:, z0:z0 + probs.shape[1]]
             if first == 0:
-                slab[...] = probs.cpu().numpy()
+                slab.copy_(probs)
             else:
-                slab += probs.cpu().numpy()
+                slab.add_(probs.cpu())
     if orthoplane:
-        out /= len(ORTHOPLANES)
+        out_t.div_(len(ORTHOPLANES))
     return out
 
 

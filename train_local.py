@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -365,22 +366,48 @@ def uses_tta_orthoplane(cfg: C.RunConfig) -> bool:
 
 def final_evaluation(plan: RunPlan, data: RunData, recorder: RunRecorder, device: torch.device) -> int:
     """The chosen checkpoints (best, and last when it is another epoch) on every validation crop in full
-    (8-nm metric) and, with --final-evaluation official, under the challenge's rules; into results.json."""
+    (8-nm metric) and, with --final-evaluation official, under the challenge's rules; into results.json.
+
+    The training is complete by now: a failure here (or Ctrl-C) is recorded under final_evaluation.failure,
+    with what was evaluated before it, and reported in one line with the command that redoes it."""
     cfg = plan.cfg
     if cfg.final_evaluation == "none":
         return 0
+    results, evaluations, code = recorder.results, {}, 0
+    try:
+        score_chosen_checkpoints(plan, data, recorder.run_dir, results, device, evaluations)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - any failure is recorded, then reported
+        interrupted = isinstance(err, KeyboardInterrupt)
+        reason = "interrupted (Ctrl-C)" if interrupted else f"{type(err).__name__}: {err}"
+        redo = f"./run.sh evaluate {recorder.run_dir}" + (" --official" if cfg.final_evaluation == "official" else "")
+        evaluations["failure"] = {"reason": reason, "traceback": traceback.format_exc(), "redo": redo}
+        print(f"error: the final evaluation failed ({reason.splitlines()[0][:300]}); the trained checkpoints "
+              f"are kept; redo it with: {redo}", file=sys.stderr)
+        code = 130 if interrupted else 1
+    results["final_evaluation"] = evaluations
+    try:
+        recorder.save()
+    except RunFileError as err:
+        print(f"error: the final evaluation could not be recorded: {err}", file=sys.stderr)
+        return 1
+    return code
+
+
+def score_chosen_checkpoints(plan: RunPlan, data: RunData, run_dir: Path, results: dict, device: torch.device,
+                             evaluations: dict) -> None:
+    """final_evaluation's work: each chosen checkpoint into `evaluations` as soon as it is scored."""
     from evaluation import EvalOptions, evaluate_checkpoint, official_table  # loads the scorer: only needed here
     from inference import load_run_model
 
-    results, evaluations = recorder.results, {}
+    cfg = plan.cfg
     official = cfg.final_evaluation == "official"
     opts = EvalOptions(("training", "sliding") if official else ("training",), official=official)
     last_epoch = results["history"][-1]["epoch"]
     chosen = ("best", "last") if last_epoch != results["best_epoch"] else ("best",)
-    if not (recorder.run_dir / "best.pt").is_file():  # removed by hand; the resume said so
+    if not (run_dir / "best.pt").is_file():  # removed by hand; the resume said so
         chosen = ("last",)
     for which in chosen:
-        _, model, state = load_run_model(recorder.run_dir, which, device)
+        _, model, state = load_run_model(run_dir, which, device)
         log(f"final evaluation of {which}.pt (epoch {state['epoch']}) on every validation crop in full")
         evaluations[which] = evaluate_checkpoint(cfg, model, state["epoch"], results, data.cache, plan.entries,
                                                  device, opts, which, cfg.workers)
@@ -388,7 +415,7 @@ def final_evaluation(plan: RunPlan, data: RunData, recorder: RunRecorder, device
         if official:
             log(official_table(evaluations[which]["official"]))
     if uses_tta_orthoplane(cfg) and "best" in chosen:
-        _, model, state = load_run_model(recorder.run_dir, "best", device)
+        _, model, state = load_run_model(run_dir, "best", device)
         log("final evaluation of best.pt with test-time augmentation and orthoplane averaging")
         strongest = EvalOptions(("sliding",), official=official, tta=True, orthoplane=True)
         evaluations[TTA_ORTHOPLANE] = evaluate_checkpoint(cfg, model, state["epoch"], results, data.cache,
@@ -396,13 +423,6 @@ def final_evaluation(plan: RunPlan, data: RunData, recorder: RunRecorder, device
         log(format_table(evaluations[TTA_ORTHOPLANE]["tilings"]["sliding"], cfg.classes))
         if official:
             log(official_table(evaluations[TTA_ORTHOPLANE]["official"]))
-    results["final_evaluation"] = evaluations
-    try:
-        recorder.save()
-    except RunFileError as err:
-        print(f"error: the final evaluation could not be recorded: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------

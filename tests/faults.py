@@ -3,7 +3,8 @@ that no production code carries a test hook.
 
     python tests/faults.py [--nonfinite-steps 1,2] [--raise RANK:STEP] [--kill RANK:STEP] [--hang RANK:STEP]
                            [--pause-in-save SECONDS]
-                           [--disk-full] [--disk-full-after WRITES:BYTES] [--take-folder PATH] -- train_local.py ARGS...
+                           [--disk-full] [--disk-full-after WRITES:BYTES] [--take-folder PATH]
+                           [--fail-official-scoring] -- train_local.py ARGS...
     torchrun --standalone --nproc_per_node=2 tests/faults.py --raise 1:3 -- train_local.py ARGS...
 
 --nonfinite-steps   the loss of these optimiser steps (counted from 0 in this process) is NaN
@@ -18,6 +19,8 @@ that no production code carries a test hook.
                     (inside torch.save too), as on a full disk; a temporary file removed gives its space back
 --take-folder PATH  another run creates the folder PATH, with a last.pt in it, just before this run first tries to
                     create it (the other run won the race for the name)
+--fail-official-scoring
+                    the official scorer runs out of memory on its first crop (as it did on instance ids far from 1..N)
 """
 from __future__ import annotations
 
@@ -138,6 +141,16 @@ def patch_take_folder(folder: Path) -> None:
     os.mkdir = mkdir_after_the_other_run
 
 
+def patch_fail_official_scoring() -> None:
+    import numpy as np
+    import official
+
+    def out_of_memory(*args, **kwargs):
+        np.zeros(1 << 62, dtype=np.uint8)  # numpy's own MemoryError, as the real failure raised
+
+    official.score_crop_label = out_of_memory
+
+
 def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--")
@@ -150,6 +163,7 @@ def main() -> None:
     p.add_argument("--disk-full", action="store_true")
     p.add_argument("--disk-full-after", default="")
     p.add_argument("--take-folder", type=Path, default=None)
+    p.add_argument("--fail-official-scoring", action="store_true")
     args = p.parse_args(argv[:split])
     script, script_args = argv[split + 1], argv[split + 2:]
     sys.path.insert(0, str(REPO))
@@ -167,6 +181,8 @@ def main() -> None:
         patch_disk_full_after(*(int(v) for v in args.disk_full_after.split(":")))
     if args.take_folder is not None:
         patch_take_folder(args.take_folder)
+    if args.fail_official_scoring:
+        patch_fail_official_scoring()
     sys.argv = [script, *script_args]
     runpy.run_path(str(REPO / script), run_name="__main__")
 

@@ -12,6 +12,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import zarr
 import config_shenron as C
 import crop_prep
 import crop_store
-from cache import UNANNOTATED, CachedCrop, crops_table, data_report, prepare_cache
+from cache import UNANNOTATED, CachedCrop, crops_table, data_report, prepare_cache, share_text, split_overlaps
 from conftest import REPO, TINY_RUN_OPTIONS
 from datasplit import CropEntry
 from errors import DataError
@@ -168,8 +169,8 @@ def test_frequencies_in_unit_interval(cache):
 def holey_root(tmp_path) -> Path:
     """One dataset: raw at 8 nm (64^3, chunks of 16^3) with the chunks of one octant and of the top never
     written (as csc fetch-data leaves them), a coarser 32 nm level written everywhere, and three crops:
-    crop1 (8 nm, over written and missing raw), crop2 (32 nm labels near raw that exists only at 32 nm) and
-    crop3 (8 nm, beyond the 8 nm level's extent)."""
+    crop1 (8 nm, over written and missing raw), crop2 (32 nm labels near raw that exists only at 32 nm),
+    crop3 (8 nm, beyond the 8 nm level's extent) and crop4 (8 nm, a third of it over written raw)."""
     rng = np.random.default_rng(0)
     raw_dir = tmp_path / "ds/ds.zarr/recon-1/em/fibsem-uint8"
     raw = (rng.integers(40, 216, size=(64, 64, 64))).astype(np.uint8)
@@ -189,6 +190,8 @@ def holey_root(tmp_path) -> Path:
     write_level(gt / "crop1/nuc", [(labels[::-1].astype(np.uint32) * 70000, (8, 8, 8), (8, 8, 8))])
     write_level(gt / "crop2/nuc", [(np.ones((4, 4, 4), np.uint8), (32, 32, 32), (12, 12, 12))])
     write_level(gt / "crop3/nuc", [(np.ones((8, 8, 8), np.uint8), (8, 8, 8), (800, 0, 0))])
+    # z 40..63, y/x 0..31: raw only at z 40..47 (below the octant's rows 32..47, above the missing top)
+    write_level(gt / "crop4/nuc", [(np.ones((24, 32, 32), np.uint8), (8, 8, 8), (320, 0, 0))])
     np.save(tmp_path / "truth_raw.npy", raw)
     np.save(tmp_path / "written.npy", written)
     return tmp_path
@@ -276,6 +279,34 @@ def _stored(crop, g) -> np.ndarray:
     hi = lo + np.array(crop.raw["region_shape"])
     inside[tuple(slice(max(0, a), min(64, b)) for a, b in zip(lo, hi))] = True
     return inside
+
+
+def test_the_report_never_rounds_a_small_raw_coverage_to_zero(holey_root, tmp_path):
+    """Found on the mock: crop 289 (1000^3 at 32 nm, 8-nm raw only around two small crops inside it) was
+    reported as 'raw EM covers 0% of the crop', and the split's voxel count did not say how few had raw."""
+    assert [share_text(f) for f in (0.000393216, 0.0042, 0.94, 0.0, 1.0)] == ["0.039%", "0.42%", "94%", "0%", "100%"]
+    entries = [entry(holey_root, "crop1", ("mito_mem", "nuc"))]
+    cache = prepare_cache(entries, ("mito_mem", "nuc"), C.TRAIN_SCALE_NM, cache_root=tmp_path / "cache", progress=False)
+    (crop,) = cache.crops
+    lines = data_report(entries, cache)
+    with_raw = round(48 ** 3 * crop.raw_coverage)
+    assert 0 < with_raw < 48 ** 3
+    assert any(f"{48 ** 3:,} voxels at the training scale ({with_raw:,} with raw EM)" in line for line in lines), lines
+
+
+def test_a_validation_crop_mostly_without_raw_is_skipped_with_the_fix(holey_root, tmp_path):
+    """Validation tiles and predicts whole crops: crop 289 of the real download (0.039% raw at 8 nm) would be
+    millions of tiles without EM. A validation crop needs raw over at least half of it; as a training crop
+    the same crop is used where raw exists."""
+    cache = prepare_cache([entry(holey_root, "crop1", ("nuc",)), entry(holey_root, "crop4", ("nuc",), "validate")],
+                          ("nuc",), C.TRAIN_SCALE_NM, cache_root=tmp_path / "cache", progress=False)
+    row = next(r for r in cache.rows if r["name"] == "ds/crop4")
+    assert row["status"] == "skipped" and "a validation crop needs raw EM over most of it; it has 33%" in row["reason"]
+    assert "put it in the train split" in row["fix"] and not cache.split("validate")
+    trained = prepare_cache([entry(holey_root, "crop4", ("nuc",))], ("nuc",), C.TRAIN_SCALE_NM,
+                            cache_root=tmp_path / "cache", progress=False)
+    assert [c.name for c in trained.split("train")] == ["ds/crop4"]
+    assert trained.crops[0].raw_coverage == pytest.approx(1 / 3, abs=0.02)
 
 
 def test_training_patches_respect_the_missing_raw_limit(holey_root, tmp_path):
@@ -406,3 +437,22 @@ def test_disk_full_while_preparing_is_one_line_and_leaves_no_temporary_file(entr
     with pytest.raises(DataError, match="disk full while writing the crop cache .*foreground.npy.*MB free"):
         prepare_cache(few, C.QUICK_CLASSES, C.TRAIN_SCALE_NM, cache_root=tmp_path, progress=False)
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("meta.json"))
+
+
+def test_a_training_crop_overlapping_a_validation_crop_is_named():
+    """In the mock of the real download, validation crop 266 (400^3 at 4 nm) lies inside training crop 289
+    (1000^3 at 32 nm): training saw the raw that validation scored, and nothing said so."""
+    def crop(name, split, start, shape):
+        return SimpleNamespace(name=name, split=split, grid_start=start, shape=shape)
+
+    crops = [crop("ds/crop289", "train", (0, 0, 0), (4000, 4000, 4000)),
+             crop("ds/crop266", "validate", (100, 200, 300), (200, 200, 200)),
+             crop("ds/crop270", "train", (3990, 0, 0), (200, 200, 200)),       # outside crop 266
+             crop("other/crop9", "train", (100, 200, 300), (200, 200, 200))]   # same box, another dataset
+    cache = SimpleNamespace(split=lambda s: [c for c in crops if c.split == s],
+                            rows=[{"name": c.name, "split": c.split, "status": "used"} for c in crops])
+    ((train, validate, voxels),) = split_overlaps(cache)
+    assert (train.name, validate.name, voxels) == ("ds/crop289", "ds/crop266", 200 ** 3)
+    rows = {r["name"]: r for r in crops_table(cache, {}, {})}
+    assert rows["ds/crop266"]["overlapping_train_crops"] == ["ds/crop289"]
+    assert "overlapping_train_crops" not in rows["ds/crop270"]

@@ -100,6 +100,21 @@ def test_every_report_states_the_schedule_and_the_metric():
         assert "schedule: 6 epochs x 30 steps x batch 8, seeds 0, 1 (every arm)." in notes
 
 
+def test_the_metric_note_names_the_validation_tiles_the_runs_used():
+    """Found on the mock: the Dice table said 'every validation crop ... pooled over all its voxels' while the
+    best epoch was chosen on a quarter-epoch subset of the validation tiles."""
+    a, b = arm("dice", {0: 0.4}), arm("combo", {0: 0.45})
+    for run in a.runs + b.runs:
+        run.validation = {"subset": "a fixed subset drawn with seed 0, the same every epoch", "tiles": 80,
+                          "of_tiles": 3200, "tile": [1, 128, 128]}
+    (note,) = [n for n in K.dice_section([a, b], CLASSES, baseline=False)[4] if n.startswith("metric:")]
+    assert "a fixed subset drawn with seed 0, the same every epoch (80 of 3200 tiles of 1 x 128 x 128 voxels)" in note
+    assert "every validation crop" not in note
+    b.runs[0].validation = None                                # a run from before the subset: said apart
+    (note,) = [n for n in K.ranking_section([a, b])[4] if n.startswith("metric:")]
+    assert "(80 of 3200 tiles" in note and "every validation crop in full (a run from before" in note
+
+
 def test_ranking_compares_each_arm_with_the_first_seed_by_seed():
     top = arm("combo", {0: 0.60, 1: 0.64, 2: 0.62}, nuc=0.9)
     close = arm("dice", {0: 0.59, 1: 0.65, 2: 0.60}, nuc=0.9)

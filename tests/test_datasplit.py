@@ -87,6 +87,33 @@ def test_write_datasplit_scans_root_and_splits_both_sides(synthetic_root, tmp_pa
     assert fine and all(e.name.startswith("synth_aniso") for e in fine)
 
 
+def test_write_datasplit_keeps_overlapping_crops_on_one_side(tmp_path):
+    """Found on the mock of the real download: crop 289 (1000^3 at 32 nm, training) holds validation crop 266,
+    so training saw the nucleus validation scored. Overlapping crops of a dataset now share one side."""
+    import make_synthetic_data as S
+
+    spec = S.DatasetSpec("nest", (8.0, 8.0, 8.0), (24, 128, 128), (
+        (1, "train", (0, 0, 0), (24, 64, 32), ("nuc",), False),        # x 0..31: holds crop 2
+        (2, "train", (4, 8, 8), (8, 16, 16), ("nuc",), False),
+        (3, "train", (4, 20, 24), (8, 16, 16), ("nuc",), False),        # x 24..39: overlaps crops 1 and 6
+        (4, "train", (0, 64, 0), (24, 64, 64), ("nuc",), False),
+        (5, "train", (0, 64, 64), (24, 64, 64), ("nuc",), False),       # touches crop 4: no shared voxel
+        (6, "train", (0, 0, 36), (24, 64, 28), ("nuc",), False),        # x 36..63: joins crop 1 through crop 3
+    ))
+    S.write_dataset(tmp_path / "root", spec, seed=0, index=0)
+    nested = {"nest/crop1", "nest/crop2", "nest/crop3", "nest/crop6"}
+    sides = set()
+    for seed in range(12):
+        out, lines = write_datasplit(tmp_path / "root", tmp_path / f"s{seed}.csv", val_fraction=0.67, seed=seed)
+        split = {e.name: e.split for e in read_datasplit(out)}
+        assert len({split[name] for name in nested}) == 1, split
+        assert "train" in split.values() and 1 <= list(split.values()).count("validate") <= 4
+        sides.add(split["nest/crop1"])
+        assert "kept 4 crops that overlap in 1 group(s)" in lines[-1], lines
+        assert "nest/crop1, nest/crop2, nest/crop3, nest/crop6" in lines[-1]
+    assert sides == {"train", "validate"}, "the group is drawn like any crop"
+
+
 def test_write_datasplit_filters_classes_and_scales_like_the_official_tool_and_says_what_it_dropped(
         synthetic_root, tmp_path):
     """The official make-datasplit keeps a class array whose voxel size is at most --scale on every axis:

@@ -405,6 +405,24 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_recorded_and_keeps_the_prev
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1 and load_checkpoint(run_dir / "best.pt")["epoch"] == 1
 
 
+def test_a_failing_final_evaluation_is_one_line_recorded_and_keeps_the_trained_run(tiny_root, session_cli_env,
+                                                                                   tmp_path):
+    # Found on the mock of the real download: the official scorer ran out of memory after training; the run
+    # said "completed" and printed a raw traceback, with no record of the failed evaluation.
+    done = run_training([*TINY_RUN_OPTIONS, "--epochs", 1, "--iterations", 3, "--seed", 3, "--final-evaluation", "official",
+                         "--data-root", tiny_root, "--out-dir", tmp_path, "--run-name", "fe"], session_cli_env,
+                        faults=["--fail-official-scoring"])
+    run_dir = tmp_path / "fe"
+    assert done.returncode == 1
+    assert_one_error_line(done, "the final evaluation failed (MemoryError", "the trained checkpoints are kept",
+                          f"./run.sh evaluate {run_dir} --official")
+    results = load_json(run_dir / "results.json")
+    assert results["status"] == "completed" and len(results["history"]) == 1
+    failure = results["final_evaluation"]["failure"]
+    assert failure["reason"].startswith("MemoryError") and "out_of_memory" in failure["traceback"]
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == 1
+
+
 def test_ctrl_c_names_the_resume_command_that_continues_to_the_same_history(reference, tiny_root, session_cli_env,
                                                                             tmp_path):
     run_dir = tmp_path / "c"
