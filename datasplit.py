@@ -251,7 +251,7 @@ def crop_box_nm(entry: CropEntry) -> tuple[np.ndarray, np.ndarray]:
 def overlap_groups(crops: Sequence[CropEntry]) -> list[list[int]]:
     """Indices of `crops` grouped so that crops of one dataset whose boxes intersect share a group (transitively),
     in order of their first crop. The real download needs it: a coarse crop (crop 289, 1000^3 at 32 nm) holds
-    fine crops of its dataset (266, 270), and a split that puts them on two sides validates on raw and nuclei
+    a fine crop of its dataset (crop 266), and a split that puts them on two sides validates on raw and nuclei
     the model was trained on."""
     boxes = [crop_box_nm(c) for c in crops]
     group = list(range(len(crops)))
