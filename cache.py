@@ -356,8 +356,8 @@ def data_report(entries: Sequence[CropEntry], cache: CropCache, patch_yx: Sequen
     for train, validate, voxels in split_overlaps(cache):
         share = voxels / float(np.prod(validate.shape))
         lines.append(f"  WARNING: train crop {train.name} overlaps validation crop {validate.name} ({share_text(share)} "
-                     f"of it): training sees raw that validation scores, so the validation metric is optimistic; fix: "
-                     f"put both crops in the same split of the datasplit CSV")
+                     f"of it): its labels there are held out of training, but its raw may still be seen as input; "
+                     f"fix: put both crops in the same split of the datasplit CSV")
     if cache.dropped:
         lines.append(f"  WARNING: {len(cache.dropped)} of {len(entries)} crops dropped")
     return lines

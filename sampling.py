@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cache import UNANNOTATED, CachedCrop, CropCache
+from cache import UNANNOTATED, CachedCrop, CropCache, split_overlaps
 from crop_prep import BLOCK
 from errors import DataError
 
@@ -160,6 +160,11 @@ class TrainPatches(Dataset):
     most, then the crop's best-covered centre, checked when the sampler is built); a crop with no usable
     centre is left out (`unusable`). The centre voxel is the target slice for 2D/2.5D. Different ranks get
     different samples.
+
+    Where a training crop overlaps a validation crop (the real download nests fine crops in coarse ones, and
+    a datasplit of one's own may split them), the shared voxels are held out: their labels are UNANNOTATED,
+    no foreground centre lies there, and a patch more than `max_missing` held out is drawn again, so
+    validation never scores labels the model was trained on (the raw there may still be seen as input).
     """
 
     def __init__(self, cache: CropCache, spec: PatchSpec, seed: int, rank: int = 0,
@@ -167,6 +172,10 @@ class TrainPatches(Dataset):
         self.spec, self.seed, self.rank = spec, seed, rank
         self.foreground_fraction, self.augment, self.max_missing = foreground_fraction, augment, max_missing
         self.crops, self.centres, self.unusable = [], [], []
+        held: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for train, validate, _ in split_overlaps(cache):
+            lo = np.array(validate.grid_start) - np.array(train.grid_start)   # in the training crop's coordinates
+            held.setdefault(train.name, []).append((lo, lo + np.array(validate.shape)))
         for crop in cache.split("train"):
             centres = UsableCentres(crop, spec.raw_shape, max_missing)
             start = centres.fallback() - np.array(spec.raw_shape) // 2
@@ -178,7 +187,10 @@ class TrainPatches(Dataset):
             self.centres.append(centres)
         if not self.crops:
             raise DataError("no training crop has a usable patch centre (see the data report)")
-        self.foreground = [c.foreground[self.centres[i].contains(c.foreground[:, 1:])] for i, c in enumerate(self.crops)]
+        self.held_out = [held.get(c.name, []) for c in self.crops]
+        self.foreground = [c.foreground[self.centres[i].contains(c.foreground[:, 1:])
+                                        & ~inside_boxes(c.foreground[:, 1:], self.held_out[i])]
+                           for i, c in enumerate(self.crops)]
         holders = np.stack([np.bincount(fg[:, 0], minlength=len(cache.classes)) > 0 for fg in self.foreground])
         self.fg_classes = np.nonzero(holders.any(axis=0))[0]
         self.crops_with_class = {int(k): np.nonzero(holders[:, k])[0] for k in self.fg_classes}
@@ -214,11 +226,25 @@ class TrainPatches(Dataset):
         half = np.array(self.spec.raw_shape) // 2
         for _ in range(MAX_DRAWS):
             ci, centre = self._draw(rng)
-            patch = cut_patch(self.crops[ci], centre - half, self.spec.raw_shape, self.spec.label_shape)
-            if patch.missing <= self.max_missing:
+            patch, held = self._cut(ci, centre - half)
+            if patch.missing <= self.max_missing and held <= self.max_missing:
                 return patch, rng
-        return cut_patch(self.crops[ci], self.centres[ci].fallback() - half, self.spec.raw_shape,
-                         self.spec.label_shape), rng
+        return self._cut(ci, self.centres[ci].fallback() - half)[0], rng
+
+    def _cut(self, ci: int, start: np.ndarray) -> tuple[Patch, float]:
+        """The patch at `start` with the labels of held-out voxels masked, and the share of them."""
+        patch = cut_patch(self.crops[ci], start, self.spec.raw_shape, self.spec.label_shape)
+        if not self.held_out[ci]:
+            return patch, 0.0
+        lz = (self.spec.raw_shape[0] - self.spec.label_shape[0]) // 2
+        label_start = np.array(start) + np.array([lz, 0, 0])
+        held = np.zeros(self.spec.label_shape, dtype=bool)
+        for lo, hi in self.held_out[ci]:
+            a, b = np.maximum(lo - label_start, 0), np.minimum(hi - label_start, self.spec.label_shape)
+            if (b > a).all():
+                held[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = True
+        patch.labels[:, held] = UNANNOTATED
+        return patch, float(held.mean())
 
     def __getitem__(self, key) -> dict:
         patch, rng = self.patch(key)
@@ -226,6 +252,14 @@ class TrainPatches(Dataset):
         if self.augment:
             raw, labels = augment(raw, labels, rng, flip_z=True)
         return format_sample(raw, labels, self.spec.dims)
+
+
+def inside_boxes(coords: np.ndarray, boxes: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[N] whether each voxel (z, y, x) lies in any of the [lo, hi) boxes."""
+    inside = np.zeros(len(coords), dtype=bool)
+    for lo, hi in boxes:
+        inside |= np.all((coords >= lo) & (coords < hi), axis=1)
+    return inside
 
 
 def tile_starts(length: int, tile: int, step: int | None = None) -> list[int]:

@@ -309,6 +309,33 @@ def test_a_validation_crop_mostly_without_raw_is_skipped_with_the_fix(holey_root
     assert trained.crops[0].raw_coverage == pytest.approx(1 / 3, abs=0.02)
 
 
+def test_labels_a_training_crop_shares_with_a_validation_crop_are_held_out(holey_root, tmp_path):
+    """A datasplit of one's own may split nested crops (the official make-datasplit does): training crop4
+    (z 40..63, y/x 0..31 on the 8-nm grid) overlaps validation crop1 (1..48 on every axis). No training
+    label inside crop1 is shown, and no foreground centre lies there."""
+    cache = prepare_cache([entry(holey_root, "crop4", ("nuc",)), entry(holey_root, "crop1", ("nuc",), "validate")],
+                          ("nuc",), C.TRAIN_SCALE_NM, cache_root=tmp_path / "cache", progress=False)
+    (train,), (validate,) = cache.split("train"), cache.split("validate")
+    lo = np.array(validate.grid_start) - np.array(train.grid_start)   # crop1's box in crop4's coordinates
+    hi = lo + np.array(validate.shape)
+    assert tuple(hi) == (9, 49, 49) and (lo <= 1).all()
+    patches = TrainPatches(cache, PatchSpec((1, 16, 16), 2), seed=0, augment=False, max_missing=0.9)
+    fg = patches.foreground[0][:, 1:]
+    assert not np.all((fg >= lo) & (fg < hi), axis=1).any()
+    assert np.all((train.foreground[:, 1:] >= lo) & (train.foreground[:, 1:] < hi), axis=1).any()
+    rng, seen = np.random.default_rng(1), 0
+    for _ in range(200):
+        start = np.array([rng.integers(0, 24), rng.integers(-8, 28), rng.integers(-8, 28)])
+        patch, held = patches._cut(0, start)
+        z, ys, xs = start[0], np.arange(start[1], start[1] + 16), np.arange(start[2], start[2] + 16)
+        inside = (lo[0] <= z < hi[0]) & ((ys >= lo[1]) & (ys < hi[1]))[:, None] & ((xs >= lo[2]) & (xs < hi[2]))[None]
+        assert (patch.labels[0, 0][inside] == UNANNOTATED).all()
+        assert held == pytest.approx(inside.mean())
+        seen += int((patch.labels[0, 0][~inside] != UNANNOTATED).sum())
+    assert seen > 0, "labels outside the validation crop are still trained on"
+    patches.patch((0, 0))                                              # a draw ends, held out or not
+
+
 def test_training_patches_respect_the_missing_raw_limit(holey_root, tmp_path):
     cache = prepare_cache([entry(holey_root, "crop1", ("mito_mem", "nuc"))], ("mito_mem", "nuc"), C.TRAIN_SCALE_NM,
                           cache_root=tmp_path / "cache", progress=False)
