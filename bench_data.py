@@ -45,6 +45,7 @@ from bench_support import (MemoryPeaks, data_setup, peak_memory_mb, proc_fields_
 from cache import cache_directory, crop_key, prepare_cache
 from crop_manifest import TRAIN_CROP_MANIFEST, read_train_crops
 from models import unet_for_run
+from ngff import box_intersection
 from sampling import PatchSpec, TrainPatches
 
 MISSING_LIMIT = 0.5          # issue 12: a sample whose raw is at least this share missing is counted
@@ -81,10 +82,6 @@ def estimate_crop_bytes(row, dataset: mock_plan.DatasetPlan, fetched: dict, scal
     margin, block = np.asarray(crop_prep.RAW_MARGIN), crop_prep.BLOCK
     region_lo, region_hi = crop_lo - margin, crop_hi + margin
 
-    def overlaps(lo, hi, box_lo, box_hi):
-        inter_lo, inter_hi = np.maximum(lo, box_lo), np.minimum(hi, box_hi)
-        return (inter_lo, inter_hi) if np.all(inter_hi > inter_lo) else None
-
     # crop_prep.raw_level_for: the matching level, else the coarsest finer one, with raw over the crop itself
     fine = [lv for lv in dataset.levels if all(s <= t * (1 + crop_prep.SCALE_TOLERANCE)
                                                for s, t in zip(lv.grid.scale, scale))]
@@ -92,8 +89,8 @@ def estimate_crop_bytes(row, dataset: mock_plan.DatasetPlan, fetched: dict, scal
     boxes = None
     for level in fine:
         here = [(b_lo / scale, b_hi / scale) for b_lo, b_hi in fetched.get(level.path, ())]
-        if any(overlaps(crop_lo, crop_hi, *box) for box in here):
-            boxes = [inter for box in here if (inter := overlaps(region_lo, region_hi, *box))]
+        if any(box_intersection(crop_lo, crop_hi, *box) for box in here):
+            boxes = [inter for box in here if (inter := box_intersection(region_lo, region_hi, *box))]
             break
     if boxes is None:
         return 0, 0, "skipped"

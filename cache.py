@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import signal
 import sys
@@ -32,7 +33,7 @@ from crop_prep import CropJob, prepare_crop
 from crop_store import CropStore, unpack_bits
 from datasplit import SPLITS, CropEntry
 from errors import DataError, Interrupted
-from ngff import Level
+from ngff import Level, box_intersection
 from resample import ChunkGrid, OnDemandRaw, nearest_index
 
 CACHE_FORMAT_VERSION = 2
@@ -275,15 +276,13 @@ class CachedCrop:
 def _overlap(start, shape, box_start, box_shape):
     """(source slices into the box's arrays, destination slices into the window) of the window
     [start, start + shape) and the box [box_start, box_start + box_shape), or (None, None)."""
-    src, dst = [], []
-    for a in range(3):
-        lo, hi = max(int(start[a]), int(box_start[a])), min(int(start[a]) + int(shape[a]),
-                                                           int(box_start[a]) + int(box_shape[a]))
-        if hi <= lo:
-            return None, None
-        src.append(slice(lo - int(box_start[a]), hi - int(box_start[a])))
-        dst.append(slice(lo - int(start[a]), hi - int(start[a])))
-    return tuple(src), tuple(dst)
+    start, box_start = np.asarray(start, dtype=np.int64), np.asarray(box_start, dtype=np.int64)
+    shared = box_intersection(start, start + np.asarray(shape), box_start, box_start + np.asarray(box_shape))
+    if shared is None:
+        return None, None
+    lo, hi = shared
+    return (tuple(slice(int(a), int(b)) for a, b in zip(lo - box_start, hi - box_start)),
+            tuple(slice(int(a), int(b)) for a, b in zip(lo - start, hi - start)))
 
 
 @dataclass
@@ -369,16 +368,12 @@ def split_overlaps(cache: CropCache) -> list[tuple[CachedCrop, CachedCrop, int]]
     contains fine crops of its dataset, and the official make-datasplit splits crops without looking."""
     pairs = []
     for validate in cache.split("validate"):
-        dataset = validate.name.rsplit("/", 1)[0]
-        v_lo = np.array(validate.grid_start)
-        v_hi = v_lo + np.array(validate.shape)
         for train in cache.split("train"):
-            if train.name.rsplit("/", 1)[0] != dataset:
+            if train.name.rsplit("/", 1)[0] != validate.name.rsplit("/", 1)[0]:
                 continue
-            t_lo = np.array(train.grid_start)
-            extent = np.minimum(v_hi, t_lo + np.array(train.shape)) - np.maximum(v_lo, t_lo)
-            if (extent > 0).all():
-                pairs.append((train, validate, int(np.prod(extent))))
+            src, _ = _overlap(validate.grid_start, validate.shape, train.grid_start, train.shape)
+            if src is not None:
+                pairs.append((train, validate, math.prod(s.stop - s.start for s in src)))
     return pairs
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from config_shenron import ALL_CLASSES, DEFAULT_CACHE_DIR, DEFAULT_DATA_ROOT, SYNTHETIC_DATA_DIR
 from errors import DataError
 from make_synthetic_data import SYNTHETIC_FORMAT_VERSION, generate
-from ngff import read_levels
+from ngff import box_intersection, read_levels
 
 SPLITS = ("train", "validate")
 RAW_SUBPATH = "recon-1/em/fibsem-uint8"
@@ -264,8 +264,7 @@ def overlap_groups(crops: Sequence[CropEntry]) -> list[list[int]]:
 
     for i in range(len(crops)):
         for j in range(i + 1, len(crops)):
-            if crops[i].raw_path == crops[j].raw_path and (
-                    np.minimum(boxes[i][1], boxes[j][1]) > np.maximum(boxes[i][0], boxes[j][0])).all():
+            if crops[i].raw_path == crops[j].raw_path and box_intersection(*boxes[i], *boxes[j]) is not None:
                 group[find(j)] = find(i)
     members: dict[int, list[int]] = {}
     for i in range(len(crops)):

@@ -141,6 +141,13 @@ def choose_level(levels: Sequence[Level], scale: Sequence[float]) -> Level:
     return max(fine_enough, key=lambda lv: np.prod(lv.scale)) if fine_enough else levels[0]
 
 
+def box_intersection(lo_a, hi_a, lo_b, hi_b) -> tuple[np.ndarray, np.ndarray] | None:
+    """The intersection [lo, hi) of two boxes [lo_a, hi_a) and [lo_b, hi_b) (per-axis arrays, any unit), or
+    None when they share no volume (touching boxes share none)."""
+    lo, hi = np.maximum(lo_a, lo_b), np.minimum(hi_a, hi_b)
+    return (lo, hi) if np.all(hi > lo) else None
+
+
 def grid_box(level: Level, scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """[start, stop) indices on the training grid (voxel j centred at j*scale) whose centres lie in the array."""
     lo, hi = level.extent()

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache import UNANNOTATED, CachedCrop, CropCache, split_overlaps
+from ngff import box_intersection
 from crop_prep import BLOCK
 from errors import DataError
 
@@ -240,9 +241,9 @@ class TrainPatches(Dataset):
         label_start = np.array(start) + np.array([lz, 0, 0])
         held = np.zeros(self.spec.label_shape, dtype=bool)
         for lo, hi in self.held_out[ci]:
-            a, b = np.maximum(lo - label_start, 0), np.minimum(hi - label_start, self.spec.label_shape)
-            if (b > a).all():
-                held[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = True
+            shared = box_intersection(lo - label_start, hi - label_start, 0, np.array(self.spec.label_shape))
+            if shared is not None:
+                held[tuple(slice(int(a), int(b)) for a, b in zip(*shared))] = True
         patch.labels[:, held] = UNANNOTATED
         return patch, float(held.mean())
 

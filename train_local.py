@@ -401,28 +401,27 @@ def score_chosen_checkpoints(plan: RunPlan, data: RunData, run_dir: Path, result
 
     cfg = plan.cfg
     official = cfg.final_evaluation == "official"
-    opts = EvalOptions(("training", "sliding") if official else ("training",), official=official)
     last_epoch = results["history"][-1]["epoch"]
     chosen = ("best", "last") if last_epoch != results["best_epoch"] else ("best",)
     if not (run_dir / "best.pt").is_file():  # removed by hand; the resume said so
         chosen = ("last",)
-    for which in chosen:
-        _, model, state = load_run_model(run_dir, which, device)
-        log(f"final evaluation of {which}.pt (epoch {state['epoch']}) on every validation crop in full")
-        evaluations[which] = evaluate_checkpoint(cfg, model, state["epoch"], results, data.cache, plan.entries,
-                                                 device, opts, which, cfg.workers)
-        log(format_table(evaluations[which]["tilings"]["training"], cfg.classes))
-        if official:
-            log(official_table(evaluations[which]["official"]))
+    # (entry in final_evaluation, checkpoint, options, tiling printed, what is said), each checkpoint loaded once
+    jobs = [(which, which, EvalOptions(("training", "sliding") if official else ("training",), official=official),
+             "training", "on every validation crop in full") for which in chosen]
     if uses_tta_orthoplane(cfg) and "best" in chosen:
-        _, model, state = load_run_model(run_dir, "best", device)
-        log("final evaluation of best.pt with test-time augmentation and orthoplane averaging")
-        strongest = EvalOptions(("sliding",), official=official, tta=True, orthoplane=True)
-        evaluations[TTA_ORTHOPLANE] = evaluate_checkpoint(cfg, model, state["epoch"], results, data.cache,
-                                                          plan.entries, device, strongest, "best", cfg.workers)
-        log(format_table(evaluations[TTA_ORTHOPLANE]["tilings"]["sliding"], cfg.classes))
+        jobs.insert(1, (TTA_ORTHOPLANE, "best", EvalOptions(("sliding",), official=official, tta=True, orthoplane=True),
+                        "sliding", "with test-time augmentation and orthoplane averaging"))
+    loaded = None
+    for key, which, opts, shown, how in jobs:
+        if loaded is None or loaded[0] != which:
+            loaded = (which, *load_run_model(run_dir, which, device)[1:])
+        _, model, state = loaded
+        log(f"final evaluation of {which}.pt (epoch {state['epoch']}) {how}")
+        evaluations[key] = evaluate_checkpoint(cfg, model, state["epoch"], results, data.cache, plan.entries,
+                                               device, opts, which, cfg.workers)
+        log(format_table(evaluations[key]["tilings"][shown], cfg.classes))
         if official:
-            log(official_table(evaluations[TTA_ORTHOPLANE]["official"]))
+            log(official_table(evaluations[key]["official"]))
 
 
 # ----------------------------------------------------------------------------------------------------

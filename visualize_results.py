@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         print(line)
 
     ranking = [ranking_section(arms)] if args.ranking else []
-    final = [section for section in (final_section(arms),) if section]
+    section = final_section(arms)
+    final = [section] if section else []
     report = Report([dice_section(arms, classes, args.baseline), *ranking, *final,
                      precision_recall_section(arms, classes)])
     # Many arms: the terminal gets means only and no precision/recall table, which stay in the Markdown.
